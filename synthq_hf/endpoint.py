@@ -1,0 +1,604 @@
+"""The async LLM client every stage talks through: dialects, concurrency, backpressure, retries, cache, usage.
+
+Stages receive an :class:`EndpointConfig` (plain, hashable data, so ``datasets`` can fingerprint ``fn_kwargs``) and
+call :func:`get_client` inside the running event loop. ``datasets.map`` makes a new loop per call, and an aiohttp
+session is bound to the loop that made it, so there is one live client per (loop, config).
+
+Why not huggingface_hub / tenacity on the hot path: measured here against a zero-latency stub, aiohttp does
+~5,000 req/s where ``AsyncInferenceClient`` does ~800, and a tenacity ``AsyncRetrying`` block costs ~40 µs per
+call (20% of the per-request budget at that rate). The retry loop below is a plain ``for`` with full-jitter
+exponential backoff; huggingface_hub is still used for the token (``get_token()``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import aiohttp
+import orjson
+
+from synthq_hf.cache import RequestCache, get_cache, request_key
+
+Dialect = Literal["auto", "tgi", "vllm", "llamacpp", "openai"]
+DEFAULT_CONCURRENCY = 64
+#: llama-cpp-python serves one request at a time: one in service and one queued keeps it busy.
+LLAMACPP_PYTHON_CONCURRENCY = 2
+_HF_HOST_SUFFIXES = ("huggingface.co", "hf.space", "huggingface.cloud")
+
+
+class EndpointError(Exception):
+    """A problem with the endpoint itself (unreachable, unknown protocol, auth); stops the run with one line."""
+
+
+class RequestFailed(Exception):
+    """One request failed for good (retries spent, or a 4xx that will not change); becomes ``<stage>_error``."""
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """Where and how to reach an LLM server. Plain data: safe in ``fn_kwargs`` and in recipes.
+
+    ``url`` is a server root (``http://tgi:8080``), an OpenAI-style base (``.../v1``), or ``"local"`` for the
+    embedded llama.cpp server with the bundled SmolLM2 model. ``params`` are default generation parameters
+    (e.g. ``{"temperature": 0.7}``) sent with every request unless a stage overrides them. ``seed`` is the run
+    seed from which every request's own seed is derived. Secrets never live here: ``api_key_env`` names the
+    environment variable that holds the key (HF endpoints fall back to ``huggingface_hub.get_token()``).
+    """
+
+    url: str
+    model: str | None = None
+    dialect: Dialect = "auto"
+    max_concurrency: int | None = None
+    timeout_s: float = 300.0
+    max_retries: int = 5
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    api_key_env: str | None = None
+    params: Any = ()
+    seed: int = 0
+    cache: bool = True
+    cache_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dialect not in ("auto", "tgi", "vllm", "llamacpp", "openai"):
+            raise ValueError(f"unknown dialect {self.dialect!r}: use auto, tgi, vllm, llamacpp or openai")
+        params = self.params
+        if isinstance(params, dict):
+            params = tuple(sorted(params.items()))
+        object.__setattr__(self, "params", tuple(tuple(p) for p in params))
+
+    @property
+    def generation_params(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def replace(self, **changes: Any) -> EndpointConfig:
+        fields = asdict(self)
+        fields["params"] = dict(self.params)
+        fields.update(changes)
+        return EndpointConfig(**fields)
+
+
+@dataclass
+class ServerInfo:
+    """What probing the server found out; cached per process and per URL."""
+
+    base_url: str
+    dialect: str
+    model: str
+    max_concurrency: int
+    tokenize_route: str | None
+    max_input_tokens: int | None = None
+
+
+@dataclass
+class Usage:
+    """Per-stage counters that feed progress, ``run.json`` and the dataset card."""
+
+    requests: int = 0
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    retries: int = 0
+    failures: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+#: Process-wide usage by stage name (clients come and go with event loops; the counts must not).
+USAGE: dict[str, Usage] = {}
+
+
+def usage_for(stage: str) -> Usage:
+    usage = USAGE.get(stage)
+    if usage is None:
+        usage = USAGE[stage] = Usage()
+    return usage
+
+
+def derive_seed(run_seed: int, stage: str, row_id: str, sample: int = 0, attempt: int = 0) -> int:
+    """A request seed from (run seed, stage, row id, sample, attempt): stable across runs and processes."""
+    digest = hashlib.blake2b(f"{run_seed}\0{stage}\0{row_id}\0{sample}\0{attempt}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big") % (2**31 - 1)
+
+
+@dataclass
+class Reply:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: bool = False
+
+
+class AdaptiveLimiter:
+    """Caps requests in flight; halves the cap on 429/503, trims it when latency climbs, grows it back.
+
+    Servers like TGI refuse (429) when overloaded, but vLLM and llama.cpp saturate by queueing, so latency is the
+    only signal there. Latency is normalised per completion token and compared with the best seen recently;
+    anything under ``latency_floor_s`` is never called congestion (that is client-side noise, not a server queue).
+    """
+
+    def __init__(self, cap: int, *, latency_tolerance: float = 3.0, latency_floor_s: float = 0.25):
+        self.cap = max(1, cap)
+        self.limit = float(self.cap)
+        self.inflight = 0
+        self.latency_tolerance = latency_tolerance
+        self.latency_floor_s = latency_floor_s
+        self._waiters: deque[asyncio.Future] = deque()
+        self._last_cut = 0.0
+        self._baseline: float | None = None
+        self._recent: float | None = None
+        self.min_limit_by_latency = max(1, self.cap // 16)
+
+    async def acquire(self) -> None:
+        if self.inflight < int(self.limit) and not self._waiters:
+            self.inflight += 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()
+            else:
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+            raise
+
+    def release(self) -> None:
+        self.inflight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.inflight < int(self.limit):
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self.inflight += 1
+                fut.set_result(None)
+
+    def on_overload(self) -> None:
+        now = time.monotonic()
+        if now - self._last_cut > 0.5:
+            self._last_cut = now
+            self.limit = max(1.0, self.limit * 0.5)
+
+    def on_success(self, latency_s: float, completion_tokens: int) -> None:
+        per_token = latency_s / (completion_tokens + 1)
+        recent = self._recent = per_token if self._recent is None else 0.9 * self._recent + 0.1 * per_token
+        baseline = self._baseline
+        if baseline is None or per_token < baseline:
+            baseline = per_token
+        self._baseline = baseline = baseline * 1.001  # forget an old best slowly
+        congested = (
+            latency_s > self.latency_floor_s
+            and recent > self.latency_tolerance * baseline
+            and self.limit > self.min_limit_by_latency
+        )
+        if congested:
+            now = time.monotonic()
+            if now - self._last_cut > latency_s:
+                self._last_cut = now
+                self.limit = max(float(self.min_limit_by_latency), self.limit * 0.9)
+        elif self.limit < self.cap:
+            self.limit = min(float(self.cap), self.limit + 1.0 / self.limit)
+            self._wake()
+
+
+_INFO: dict[tuple, ServerInfo] = {}
+
+
+def _base_url(url: str) -> str:
+    base = url.rstrip("/")
+    if base.endswith("/v1"):
+        base = base[:-3]
+    return base
+
+
+def _resolve_api_key(config: EndpointConfig) -> str | None:
+    if config.api_key_env:
+        key = os.environ.get(config.api_key_env)
+        if not key:
+            raise EndpointError(f"environment variable {config.api_key_env} (api_key_env) is not set")
+        return key
+    host = urlparse(config.url).hostname or ""
+    if host.endswith(_HF_HOST_SUFFIXES):
+        from huggingface_hub import get_token
+
+        return get_token()
+    return None
+
+
+async def _probe(session: aiohttp.ClientSession, base: str, route: str) -> tuple[int | str, Any]:
+    """GET a route; returns (status, json-or-None), or ("unreachable", reason) when nothing answered."""
+    try:
+        async with session.get(base + route, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            if resp.status != 200:
+                return resp.status, None
+            try:
+                return 200, orjson.loads(await resp.read())
+            except orjson.JSONDecodeError:
+                return 200, None
+    except (aiohttp.ClientError, TimeoutError, OSError) as err:
+        return "unreachable", _describe(err)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, TimeoutError | asyncio.TimeoutError):
+        return "timed out"
+    text = str(err) or type(err).__name__
+    return text.splitlines()[0][:200]
+
+
+async def _first_model(session: aiohttp.ClientSession, base: str) -> str | None:
+    status, body = await _probe(session, base, "/v1/models")
+    if status == 200 and isinstance(body, dict) and body.get("data"):
+        return str(body["data"][0].get("id"))
+    return None
+
+
+async def detect_server(session: aiohttp.ClientSession, config: EndpointConfig, base: str) -> ServerInfo:
+    """Find out which server speaks at ``base`` (once per process): TGI, vLLM, llama.cpp or generic OpenAI."""
+    tried: list[str] = []
+    unreachable: list[str] = []
+    want = config.dialect
+
+    async def probe(route: str) -> Any:
+        status, body = await _probe(session, base, route)
+        tried.append(f"GET {route} → {status}")
+        if status == "unreachable":
+            unreachable.append(body)
+            return None
+        return body if status == 200 else None
+
+    dialect, model, cap, tokenize_route, max_input = None, None, None, None, None
+    if want in ("auto", "tgi"):
+        info = await probe("/info")
+        if isinstance(info, dict) and "model_id" in info:
+            dialect, model = "tgi", info.get("model_id")
+            cap, tokenize_route = info.get("max_concurrent_requests"), "/tokenize"
+            max_input = info.get("max_input_tokens") or info.get("max_input_length")
+    if dialect is None and want in ("auto", "vllm"):
+        if isinstance(await probe("/version"), dict):
+            dialect, tokenize_route = "vllm", "/tokenize"
+    if dialect is None and want in ("auto", "llamacpp"):
+        spec = await probe("/openapi.json")
+        if isinstance(spec, dict) and "llama.cpp Python" in str(spec.get("info", {}).get("title", "")):
+            dialect, tokenize_route, cap = "llamacpp", "/extras/tokenize", LLAMACPP_PYTHON_CONCURRENCY
+        else:
+            props = await probe("/props")
+            if isinstance(props, dict):
+                dialect, tokenize_route, cap = "llamacpp", "/tokenize", props.get("total_slots")
+    if dialect is None and want in ("auto", "openai"):
+        model = await _first_model(session, base)
+        tried.append("GET /v1/models")
+        if model is not None:
+            dialect = "openai"
+    if dialect is None and want != "auto":
+        dialect = want  # the user said what it is; trust them and only look for a model name
+    if dialect is None:
+        if unreachable and len(unreachable) == len([t for t in tried if "→" in t]):
+            raise EndpointError(f"cannot reach {base} ({unreachable[-1]}); tried {', '.join(tried)}")
+        raise EndpointError(
+            f"{base} speaks none of the known LLM server routes ({'; '.join(tried)}): "
+            "expected TGI, vLLM, llama.cpp or an OpenAI-compatible server"
+        )
+    if model is None and dialect != "tgi":
+        model = await _first_model(session, base)
+    return ServerInfo(
+        base_url=base,
+        dialect=dialect,
+        model=config.model or model or "default",
+        max_concurrency=config.max_concurrency or int(cap or DEFAULT_CONCURRENCY),
+        tokenize_route=tokenize_route,
+        max_input_tokens=max_input,
+    )
+
+
+class EndpointClient:
+    """The live client for one (event loop, config). Get it with :func:`get_client`, never build it in a stage."""
+
+    def __init__(self, config: EndpointConfig):
+        self.config = config
+        self._api_key = _resolve_api_key(config)
+        self._headers = {"Content-Type": "application/json"}
+        if self._api_key:
+            self._headers["Authorization"] = f"Bearer {self._api_key}"
+        self._session: aiohttp.ClientSession | None = None
+        self._info: ServerInfo | None = None
+        self._info_lock = asyncio.Lock()
+        self.limiter: AdaptiveLimiter | None = None
+        self.cache: RequestCache | None = get_cache(config.cache_path) if config.cache else None
+        self._active = 0
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+    def _session_now(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=False)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
+                headers=self._headers,
+                json_serialize=lambda obj: orjson.dumps(obj).decode(),
+            )
+        return self._session
+
+    async def _idle(self) -> None:
+        """Close the session when nothing is in flight: ``datasets`` never closes its loop, so we tidy up."""
+        if self._active == 0 and self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+        if self.cache is not None:
+            self.cache.request_flush()
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    async def info(self) -> ServerInfo:
+        if self._info is None:
+            async with self._info_lock:
+                if self._info is None:
+                    self._info = await self._detect()
+                    self.limiter = AdaptiveLimiter(self._info.max_concurrency)
+        return self._info
+
+    async def _detect(self) -> ServerInfo:
+        url = self.config.url
+        if url == "local":
+            from synthq_hf.local_server import ensure_local_server
+
+            url = await asyncio.to_thread(ensure_local_server)
+        base = _base_url(url)
+        key = (base, self.config.dialect, self.config.model, self.config.max_concurrency)
+        if key not in _INFO:
+            self._active += 1
+            try:
+                _INFO[key] = await detect_server(self._session_now(), self.config, base)
+            finally:
+                self._active -= 1
+        return _INFO[key]
+
+    # -- the request loop -----------------------------------------------------------------------------------
+    async def post(self, route: str, payload: dict, *, stage: str, use_cache: bool = True) -> tuple[dict, bool]:
+        """POST JSON with cache, concurrency cap, retries and usage; returns (reply JSON, was_cached)."""
+        info = self._info or await self.info()
+        usage = usage_for(stage)
+        cache = self.cache if use_cache else None
+        key = request_key(route, payload) if cache is not None else b""
+        if cache is not None:
+            hit = cache.get(key)
+            if hit is not None:
+                usage.cache_hits += 1
+                return orjson.loads(hit), True
+        body = orjson.dumps(payload)
+        url = info.base_url + route
+        limiter = self.limiter
+        config = self.config
+        last = ""
+        self._active += 1
+        try:
+            for attempt in range(config.max_retries + 1):
+                if attempt:
+                    usage.retries += 1
+                await limiter.acquire()
+                start = time.monotonic()
+                retry_after = None
+                try:
+                    async with self._session_now().post(url, data=body) as resp:
+                        raw = await resp.read()
+                        status = resp.status
+                        if status == 200:
+                            data = orjson.loads(raw)
+                            latency = time.monotonic() - start
+                            usage.requests += 1
+                            usage.latency_s += latency
+                            tokens = _usage_tokens(data)
+                            usage.prompt_tokens += tokens[0]
+                            usage.completion_tokens += tokens[1]
+                            limiter.on_success(latency, tokens[1])
+                            if cache is not None:
+                                cache.put(key, raw)
+                            return data, False
+                        last = f"HTTP {status}: {_snippet(raw)}"
+                        if status in (429, 503):
+                            limiter.on_overload()
+                            retry_after = _retry_after(resp.headers.get("Retry-After"))
+                        elif status in (401, 403):
+                            raise EndpointError(
+                                f"{url} refused the credentials (HTTP {status}); set HF_TOKEN / log in with "
+                                "`hf auth login`, or name the key's environment variable in api_key_env"
+                            )
+                        elif status in (404, 405):
+                            raise EndpointError(f"{url} does not serve this route (HTTP {status})")
+                        elif status < 500 and status != 408:
+                            usage.failures += 1
+                            raise RequestFailed(self._redact(f"POST {route} → {last}"))
+                except (aiohttp.ClientError, TimeoutError, OSError) as err:
+                    last = _describe(err)
+                except orjson.JSONDecodeError:
+                    last = f"malformed JSON reply: {_snippet(raw)}"
+                finally:
+                    limiter.release()
+                if attempt < config.max_retries:
+                    delay = min(config.max_backoff_s, config.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
+                    await asyncio.sleep(max(delay, retry_after or 0.0))
+            usage.failures += 1
+            raise RequestFailed(self._redact(f"POST {url} failed after {config.max_retries + 1} attempts: {last}"))
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                await self._idle()
+
+    # -- routes -----------------------------------------------------------------------------------------------
+    async def chat(
+        self,
+        messages: list[dict],
+        *,
+        stage: str,
+        row_id: str,
+        sample: int = 0,
+        attempt: int = 0,
+        response_format: dict | None = None,
+        **params: Any,
+    ) -> Reply:
+        """``/v1/chat/completions``; the seed comes from (run seed, stage, row id, sample, attempt)."""
+        info = self._info or await self.info()
+        payload = {"model": info.model, "messages": messages, **self.config.generation_params, **params}
+        payload["seed"] = derive_seed(self.config.seed, stage, row_id, sample, attempt)
+        if response_format is not None:
+            payload["response_format"] = response_format
+        data, cached = await self.post("/v1/chat/completions", payload, stage=stage)
+        try:
+            choice = data["choices"][0]
+            text = choice["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError) as err:
+            raise RequestFailed(f"chat reply without choices[0].message: {_snippet(orjson.dumps(data))}") from err
+        prompt_tokens, completion_tokens = _usage_tokens(data)
+        return Reply(text, choice.get("finish_reason"), prompt_tokens, completion_tokens, cached)
+
+    async def complete(self, prompt: str, *, stage: str, row_id: str, sample: int = 0, **params: Any) -> Reply:
+        """Raw completion (no chat template applied by the server): TGI ``/generate``, else ``/v1/completions``."""
+        info = self._info or await self.info()
+        merged = {**self.config.generation_params, **params}
+        seed = derive_seed(self.config.seed, stage, row_id, sample)
+        if info.dialect == "tgi":
+            parameters = {k: v for k, v in merged.items() if k != "max_tokens"}
+            parameters["max_new_tokens"] = merged.get("max_tokens", parameters.get("max_new_tokens", 512))
+            parameters["seed"] = seed
+            parameters["details"] = True
+            data, cached = await self.post(
+                "/generate", {"model": info.model, "inputs": prompt, "parameters": parameters}, stage=stage
+            )
+            details = data.get("details") or {}
+            finish = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}.get(
+                details.get("finish_reason"), details.get("finish_reason")
+            )
+            return Reply(data.get("generated_text", ""), finish, 0, details.get("generated_tokens", 0), cached)
+        payload = {"model": info.model, "prompt": prompt, **merged, "seed": seed}
+        data, cached = await self.post("/v1/completions", payload, stage=stage)
+        try:
+            choice = data["choices"][0]
+        except (KeyError, IndexError, TypeError) as err:
+            raise RequestFailed(f"completion reply without choices[0]: {_snippet(orjson.dumps(data))}") from err
+        prompt_tokens, completion_tokens = _usage_tokens(data)
+        return Reply(choice.get("text", ""), choice.get("finish_reason"), prompt_tokens, completion_tokens, cached)
+
+    async def tokenize(self, text: str) -> list[int]:
+        """Token ids from the server's own tokenizer (cached like any request)."""
+        info = self._info or await self.info()
+        route = info.tokenize_route
+        if route is None:
+            raise RequestFailed(f"{info.base_url} ({info.dialect}) has no tokenize route")
+        if route == "/extras/tokenize":
+            payload: dict = {"input": text}
+        elif info.dialect == "tgi":
+            payload = {"inputs": text}
+        elif info.dialect == "vllm":
+            payload = {"model": info.model, "prompt": text, "add_special_tokens": False}
+        else:
+            payload = {"content": text}
+        # Tokenizers differ per model: the model name joins the cache key even where the route doesn't take it.
+        data = await self._post_tokenize(route, payload, {**payload, "_model": info.model})
+        if isinstance(data, list):  # TGI: [{"id":…, "text":…, "start":…, "stop":…}, …]
+            return [int(tok["id"]) for tok in data]
+        tokens = data.get("tokens", [])
+        return [int(t["id"]) if isinstance(t, dict) else int(t) for t in tokens]
+
+    async def _post_tokenize(self, route: str, send: dict, key_payload: dict) -> Any:
+        cache = self.cache
+        key = request_key(route, key_payload)
+        if cache is not None:
+            hit = cache.get(key)
+            if hit is not None:
+                return orjson.loads(hit)
+        data, _ = await self.post(route, send, stage="tokenize", use_cache=False)
+        if cache is not None:
+            cache.put(key, orjson.dumps(data))
+        return data
+
+
+def _usage_tokens(data: Any) -> tuple[int, int]:
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return 0, 0
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+def _snippet(raw: bytes, limit: int = 200) -> str:
+    text = raw.decode("utf-8", "replace").strip().replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return min(float(value), 60.0) if value else None
+    except ValueError:
+        return None
+
+
+_CLIENTS: dict[int, tuple[asyncio.AbstractEventLoop, dict[EndpointConfig, EndpointClient]]] = {}
+
+
+def get_client(config: EndpointConfig) -> EndpointClient:
+    """The live client for ``config`` on the running event loop (made on first use)."""
+    loop = asyncio.get_running_loop()
+    entry = _CLIENTS.get(id(loop))
+    if entry is None or entry[0] is not loop:
+        # A new loop (datasets.map makes one per call): forget clients of loops that are gone or stopped.
+        for loop_id, (old_loop, _) in list(_CLIENTS.items()):
+            if old_loop.is_closed() or not old_loop.is_running():
+                del _CLIENTS[loop_id]
+        entry = _CLIENTS[id(loop)] = (loop, {})
+    clients = entry[1]
+    client = clients.get(config)
+    if client is None:
+        client = clients[config] = EndpointClient(config)
+    return client
+
+
+__all__ = [
+    "USAGE",
+    "EndpointClient",
+    "EndpointConfig",
+    "EndpointError",
+    "Reply",
+    "RequestFailed",
+    "ServerInfo",
+    "Usage",
+    "derive_seed",
+    "get_client",
+    "usage_for",
+]
+

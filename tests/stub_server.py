@@ -1,0 +1,232 @@
+"""A small local HTTP server speaking the OpenAI / TGI / vLLM / llama-cpp-python routes, for fault injection.
+
+It stands in for servers that cannot run here (TGI, vLLM) and injects what a real server does under stress
+(429, 503, timeouts, connection resets, malformed JSON). It is a test double for a *server*: it records every
+request it receives so tests assert on what actually crossed the wire, and it never touches our code.
+
+Replies: by default a chat request with a JSON schema gets a minimal valid instance of that schema; tests can
+queue exact replies or faults with :meth:`StubServer.queue`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections import deque
+from typing import Any
+
+from aiohttp import web
+
+
+def instance_of(schema: dict) -> Any:
+    """Smallest value that validates against a (ref-free) JSON schema: what a constrained decoder would emit."""
+    if "enum" in schema:
+        return schema["enum"][-1]
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type")
+    if "anyOf" in schema:
+        return instance_of(schema["anyOf"][0])
+    if kind == "object":
+        return {name: instance_of(sub) for name, sub in schema.get("properties", {}).items()}
+    if kind == "array":
+        return [instance_of(schema["items"])] * max(1, schema.get("minItems", 1))
+    if kind == "string":
+        return "ok" * max(1, schema.get("minLength", 1))
+    if kind in ("integer", "number"):
+        return schema.get("minimum", 1)
+    if kind == "boolean":
+        return True
+    return None
+
+
+def schema_of(payload: dict) -> dict | None:
+    fmt = payload.get("response_format") or {}
+    if fmt.get("type") == "json_schema":
+        return fmt["json_schema"]["schema"]
+    if fmt.get("type") == "json_object":
+        return fmt.get("schema")
+    if fmt.get("type") == "json":
+        return fmt.get("value")
+    return None
+
+
+class StubServer:
+    """Run with ``with StubServer(dialect="tgi") as stub: stub.url``; inspect ``stub.requests``."""
+
+    def __init__(self, dialect: str = "openai", model: str = "stub-model", max_concurrent: int | None = None):
+        self.dialect = dialect
+        self.model = model
+        self.max_concurrent = max_concurrent
+        self.requests: list[tuple[str, dict]] = []
+        self.headers: list[dict[str, str]] = []  # the request headers of each entry in ``requests``
+        self._script: deque = deque()
+        self.inflight = 0
+        self.peak_inflight = 0
+        self.overload_at: int | None = None  # answer 429 whenever more than this many are in flight
+        self.delay_s = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    # -- scripting ----------------------------------------------------------------------------------------
+    def queue(self, *actions: Any) -> None:
+        """Queue what the next POSTs get, in order: a string (the reply content), ``("status", code)``,
+        ``("status", code, body)`` (that status with a raw text body, e.g. a server echoing the request),
+        ``("sleep", seconds)`` (then a normal reply), ``"reset"`` (drop the connection), ``"malformed"``
+        (HTTP 200 with broken JSON), ``("finish", reason, content)``."""
+        self._script.extend(actions)
+
+    def count(self, route: str) -> int:
+        return sum(1 for r, _ in self.requests if r == route)
+
+    # -- routes -------------------------------------------------------------------------------------------
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/v1/models", self._models)
+        if self.dialect == "tgi":
+            app.router.add_get("/info", self._info)
+            app.router.add_post("/generate", self._generate)
+            app.router.add_post("/tokenize", self._tokenize)
+        if self.dialect == "vllm":
+            app.router.add_get("/version", self._version)
+            app.router.add_post("/tokenize", self._tokenize)
+        if self.dialect == "llamacpp":
+            app.router.add_get("/openapi.json", self._openapi)
+            app.router.add_post("/extras/tokenize", self._tokenize)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        return app
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": "0.32.0"})
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        return web.json_response({"info": {"title": "🦙 llama.cpp Python API"}})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+
+    async def _info(self, request: web.Request) -> web.Response:
+        info = {"model_id": self.model, "max_concurrent_requests": self.max_concurrent or 128, "max_input_tokens": 4096}
+        return web.json_response(info)
+
+    def _record(self, request: web.Request, payload: dict) -> None:
+        self.requests.append((request.path, payload))
+        self.headers.append(dict(request.headers))
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        payload = await request.json()
+        self._record(request, payload)
+        text = payload.get("inputs") or payload.get("prompt") or payload.get("input") or payload.get("content") or ""
+        ids = [ord(c) for c in text]  # one token per character: easy to reason about in tests
+        if self.dialect == "tgi":
+            return web.json_response([{"id": i, "text": chr(i), "start": n, "stop": n + 1} for n, i in enumerate(ids)])
+        return web.json_response({"tokens": ids, "count": len(ids)})
+
+    async def _guarded(self, request: web.Request, make_reply) -> web.StreamResponse:
+        payload = await request.json()
+        self._record(request, payload)
+        self.inflight += 1
+        self.peak_inflight = max(self.peak_inflight, self.inflight)
+        try:
+            if self.overload_at is not None and self.inflight > self.overload_at:
+                return web.json_response({"error": "Model is overloaded"}, status=429)
+            action = self._script.popleft() if self._script else None
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            if isinstance(action, tuple) and action[0] == "status" and len(action) > 2:
+                return web.Response(text=action[2], status=action[1])
+            if isinstance(action, tuple) and action[0] == "status":
+                return web.json_response({"error": f"injected {action[1]}"}, status=action[1])
+            if isinstance(action, tuple) and action[0] == "sleep":
+                await asyncio.sleep(action[1])
+                action = None
+            if action == "reset":
+                request.transport.abort()
+                raise ConnectionResetError("injected reset")
+            if action == "malformed":
+                return web.Response(body=b'{"choices": [{"message": ', content_type="application/json")
+            finish, content = "stop", None
+            if isinstance(action, tuple) and action[0] == "finish":
+                finish, content = action[1], action[2]
+            elif isinstance(action, str):
+                content = action
+            return make_reply(payload, content, finish)
+        finally:
+            self.inflight -= 1
+
+    def _content_for(self, payload: dict, content: str | None) -> str:
+        if content is not None:
+            return content
+        schema = schema_of(payload)
+        return json.dumps(instance_of(schema)) if schema else "stub reply"
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        def reply(payload: dict, content: str | None, finish: str) -> web.Response:
+            text = self._content_for(payload, content)
+            return web.json_response({
+                "id": "chatcmpl-stub", "object": "chat.completion", "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": len(text) // 4,
+                          "total_tokens": 10 + len(text) // 4},
+            })  # fmt: skip
+
+        return await self._guarded(request, reply)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        def reply(payload: dict, content: str | None, finish: str) -> web.Response:
+            text = content if content is not None else "What is 2 + 2?"
+            return web.json_response({
+                "id": "cmpl-stub", "object": "text_completion", "model": self.model,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10},
+            })  # fmt: skip
+
+        return await self._guarded(request, reply)
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        def reply(payload: dict, content: str | None, finish: str) -> web.Response:
+            text = content if content is not None else "What is 2 + 2?"
+            reason = {"stop": "eos_token", "length": "length"}.get(finish, finish)
+            return web.json_response(
+                {"generated_text": text, "details": {"finish_reason": reason, "generated_tokens": 5}}
+            )
+
+        return await self._guarded(request, reply)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def start(self) -> StubServer:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._runner = web.AppRunner(self._app(), access_log=None)
+            loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            loop.run_until_complete(site.start())
+            port = site._server.sockets[0].getsockname()[1]
+            self.url = f"http://127.0.0.1:{port}"
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def __enter__(self) -> StubServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
