@@ -22,7 +22,11 @@ from pathlib import Path
 
 import orjson
 
-_SCHEMA = "CREATE TABLE IF NOT EXISTS replies (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID"
+#: A rowid table (the key's index is separate and small): replies are kilobytes, and a WITHOUT ROWID table keeps
+#: whole rows in its interior pages, so at ~1.5 KB a row its fan-out is ~2 and every insert or lookup walks ~15
+#: levels (measured: 70 µs an insert, 25 µs a miss, against 16 µs and 5 µs here). Files made with the old
+#: schema still work: the statements are the same.
+_SCHEMA = "CREATE TABLE IF NOT EXISTS replies (key BLOB PRIMARY KEY, value BLOB NOT NULL)"
 
 
 def default_cache_path() -> Path:

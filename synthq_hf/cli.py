@@ -43,7 +43,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from synthq_hf import output, prompts
     from synthq_hf.endpoint import USAGE, EndpointConfig
-    from synthq_hf.stages import score_instruction
+    from synthq_hf.stages import output_features, score_instruction
 
     source = Path(args.input) if args.input else BUNDLED_SAMPLE
     _check_jsonl(source)
@@ -63,7 +63,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         rows = rows.rename_column(args.column, "prompt")
     started = time.monotonic()
     scored = rows.map(
-        score_instruction, fn_kwargs={"endpoint": endpoint}, load_from_cache_file=False, desc="score_instruction"
+        score_instruction,
+        fn_kwargs={"endpoint": endpoint},
+        features=output_features(rows.features, score_instruction),
+        load_from_cache_file=False,
+        desc="score_instruction",
     )
     elapsed = time.monotonic() - started
     failed = sum(1 for err in scored["score_instruction_error"] if err)

@@ -75,6 +75,22 @@ class EndpointConfig:
             params = tuple(sorted(params.items()))
         object.__setattr__(self, "params", tuple(tuple(p) for p in params))
 
+    def __hash__(self) -> int:
+        params = orjson.dumps(dict(self.params), option=orjson.OPT_SORT_KEYS)
+        return hash(
+            (
+                self.url,
+                self.model,
+                self.dialect,
+                self.max_concurrency,
+                self.api_key_env,
+                params,
+                self.seed,
+                self.cache,
+                self.cache_path,
+            )
+        )
+
     @property
     def generation_params(self) -> dict[str, Any]:
         return dict(self.params)
@@ -273,6 +289,7 @@ async def detect_server(session: aiohttp.ClientSession, config: EndpointConfig, 
     """Find out which server speaks at ``base`` (once per process): TGI, vLLM, llama.cpp or generic OpenAI."""
     tried: list[str] = []
     unreachable: list[str] = []
+    refused: list[int] = []
     want = config.dialect
 
     async def probe(route: str) -> Any:
@@ -281,6 +298,8 @@ async def detect_server(session: aiohttp.ClientSession, config: EndpointConfig, 
         if status == "unreachable":
             unreachable.append(body)
             return None
+        if status in (401, 403):
+            refused.append(status)
         return body if status == 200 else None
 
     dialect, model, cap, tokenize_route, max_input = None, None, None, None, None
@@ -302,15 +321,20 @@ async def detect_server(session: aiohttp.ClientSession, config: EndpointConfig, 
             if isinstance(props, dict):
                 dialect, tokenize_route, cap = "llamacpp", "/tokenize", props.get("total_slots")
     if dialect is None and want in ("auto", "openai"):
-        model = await _first_model(session, base)
-        tried.append("GET /v1/models")
-        if model is not None:
-            dialect = "openai"
+        models = await probe("/v1/models")
+        if isinstance(models, dict) and models.get("data"):
+            dialect, model = "openai", str(models["data"][0].get("id"))
+    if dialect is None:
+        if unreachable and len(unreachable) == len(tried):
+            raise EndpointError(f"cannot reach {base} ({unreachable[-1]}); tried {', '.join(tried)}")
+        if refused and len(refused) == len(tried):
+            raise EndpointError(
+                f"{base} refused the credentials (HTTP {refused[-1]}); set HF_TOKEN / log in with "
+                "`hf auth login`, or name the key's environment variable in api_key_env"
+            )
     if dialect is None and want != "auto":
         dialect = want  # the user said what it is; trust them and only look for a model name
     if dialect is None:
-        if unreachable and len(unreachable) == len([t for t in tried if "→" in t]):
-            raise EndpointError(f"cannot reach {base} ({unreachable[-1]}); tried {', '.join(tried)}")
         raise EndpointError(
             f"{base} speaks none of the known LLM server routes ({'; '.join(tried)}): "
             "expected TGI, vLLM, llama.cpp or an OpenAI-compatible server"
@@ -388,6 +412,8 @@ class EndpointClient:
                 _INFO[key] = await detect_server(self._session_now(), self.config, base)
             finally:
                 self._active -= 1
+                if self._active == 0:
+                    await self._idle()
         return _INFO[key]
 
     # -- the request loop -----------------------------------------------------------------------------------
@@ -601,4 +627,3 @@ __all__ = [
     "get_client",
     "usage_for",
 ]
-

@@ -70,7 +70,8 @@ class LocalServer:
             raise LocalServerError(f"llama-cpp-python is not installed; {_MISSING_EXTRA}")
         self.model = Path(model) if model else bundled_model_path()
         self.n_ctx = n_ctx
-        self.n_threads = n_threads or max(1, min(4, os.cpu_count() or 1))
+        # Half the cores: ggml threads spin, and a server fighting its own client for every core crawls.
+        self.n_threads = n_threads or max(1, min(4, (os.cpu_count() or 2) // 2))
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None

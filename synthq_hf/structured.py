@@ -13,6 +13,7 @@ import json
 from functools import cache
 from typing import Any, TypeVar
 
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from synthq_hf.endpoint import EndpointConfig, Reply, get_client
@@ -59,20 +60,19 @@ def json_schema(model: type[BaseModel]) -> dict:
 
 
 @cache
-def _response_format(model: type[BaseModel], dialect: str) -> str:
+def _response_format(model: type[BaseModel], dialect: str) -> dict:
+    """Shared by every request of a run (built once, sent as-is): never mutate it; :func:`response_format` copies."""
     schema = json_schema(model)
     if dialect == "tgi":
-        fmt: dict = {"type": "json", "value": schema}
-    elif dialect == "llamacpp":
-        fmt = {"type": "json_object", "schema": schema}
-    else:
-        fmt = {"type": "json_schema", "json_schema": {"name": model.__name__, "schema": schema, "strict": True}}
-    return json.dumps(fmt)
+        return {"type": "json", "value": schema}
+    if dialect == "llamacpp":
+        return {"type": "json_object", "schema": schema}
+    return {"type": "json_schema", "json_schema": {"name": model.__name__, "schema": schema, "strict": True}}
 
 
 def response_format(model: type[BaseModel], dialect: str) -> dict:
-    """The ``response_format`` payload for ``dialect`` (tgi, vllm, openai, llamacpp)."""
-    return json.loads(_response_format(model, dialect))
+    """The ``response_format`` payload for ``dialect`` (tgi, vllm, openai, llamacpp): a fresh copy, yours to edit."""
+    return orjson.loads(orjson.dumps(_response_format(model, dialect)))
 
 
 def parse_reply(text: str, model: type[M]) -> M:
@@ -120,7 +120,7 @@ async def generate(
     """One structured chat call: up to ``attempts`` replies (each with its own seed) until one validates."""
     client = get_client(endpoint)
     info = await client.info()
-    fmt = response_format(model, info.dialect)
+    fmt = _response_format(model, info.dialect)
     failure = StageFailure("no attempt made")
     for attempt in range(max(1, attempts)):
         reply = await client.chat(

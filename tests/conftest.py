@@ -53,9 +53,6 @@ def make_config(tmp_path: Path) -> Callable[..., EndpointConfig]:
 
 
 # --- real llama.cpp server fixtures ---
-# NOTE: reconstructed. A conftest.py written concurrently by another engineer was accidentally overwritten while the
-# stub block above was added; this block restores what tests/test_local_llm.py needs (``local_endpoint``). Replace
-# it with the original if that differs.
 import os  # noqa: E402
 
 from synthq_hf.local_server import LocalServer  # noqa: E402

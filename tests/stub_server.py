@@ -55,8 +55,15 @@ def schema_of(payload: dict) -> dict | None:
 class StubServer:
     """Run with ``with StubServer(dialect="tgi") as stub: stub.url``; inspect ``stub.requests``."""
 
-    def __init__(self, dialect: str = "openai", model: str = "stub-model", max_concurrent: int | None = None):
+    def __init__(
+        self,
+        dialect: str = "openai",
+        model: str = "stub-model",
+        max_concurrent: int | None = None,
+        api_key: str | None = None,
+    ):
         self.dialect = dialect
+        self.api_key = api_key  # when set, every route answers 401 without ``Authorization: Bearer <api_key>``
         self.model = model
         self.max_concurrent = max_concurrent
         self.requests: list[tuple[str, dict]] = []
@@ -82,9 +89,24 @@ class StubServer:
     def count(self, route: str) -> int:
         return sum(1 for r, _ in self.requests if r == route)
 
+    def open_connections(self) -> int:
+        """How many client connections the server holds open right now (keep-alive included)."""
+
+        async def count() -> int:
+            return len(self._runner.server.connections)
+
+        return asyncio.run_coroutine_threadsafe(count(), self._loop).result(5)
+
     # -- routes -------------------------------------------------------------------------------------------
+    @web.middleware
+    async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
+        if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return web.json_response({"error": "Authorization header is correct, but the token seems invalid"},
+                                     status=401)  # fmt: skip
+        return await handler(request)
+
     def _app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._auth])
         app.router.add_get("/v1/models", self._models)
         if self.dialect == "tgi":
             app.router.add_get("/info", self._info)

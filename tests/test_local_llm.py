@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 
-
 from datasets import Dataset, load_dataset
 
 from synthq_hf import EndpointConfig, stages

@@ -7,12 +7,16 @@ Prompts: ``prompts/score_instruction.system.j2``, ``prompts/score_instruction.us
 
 The paper keeps instructions that meet at least three criteria; the threshold filter lives with the recipe so
 that rejected rows keep their scores and reason.
+
+``FEATURES`` types the output columns. Pass them to ``map`` (``stages.output_features``) when a run may start
+with a long streak of failures: ``datasets`` refuses to type a column whose first 1,000 values are all ``None``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+from datasets import Features, Value
 from pydantic import BaseModel, Field
 
 from synthq_hf import prompts
@@ -49,6 +53,14 @@ class InstructionScore(BaseModel):
     real_world_application: Criterion
 
 
+FEATURES = Features(
+    {
+        "scores": {name: Value("int64") for name in CRITERIA},
+        "score_analysis": {name: Value("string") for name in CRITERIA},
+        "total_score": Value("int64"),
+        f"{STAGE}_error": Value("string"),
+    }
+)
 EMPTY: dict[str, Any] = {"scores": None, "score_analysis": None, "total_score": None}
 
 
