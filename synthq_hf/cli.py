@@ -71,7 +71,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     )
     elapsed = time.monotonic() - started
     failed = sum(1 for err in scored["score_instruction_error"] if err)
-    output.write_split(scored, out, "instructions", "train")
+    train_files = output.write_split(scored, out, "instructions", "train")
     usage = {stage: u.as_dict() for stage, u in USAGE.items()}
     output.write_run_report(
         out,
@@ -89,7 +89,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     )
     output.write_readme(
         out,
-        {"instructions": ["train"]},
+        {"instructions": {"train": train_files}},
         f"# Scored instructions\n\n{len(scored)} instructions from `{source.name}` scored by synthq-hf's "
         f"`score_instruction` stage on seven yes/no complexity criteria ({failed} rows carry "
         "`score_instruction_error` instead of scores). Endpoint, prompt hash and usage are in `run.json`.\n",

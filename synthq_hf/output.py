@@ -6,11 +6,17 @@ Layout::
     out/
       README.md                       YAML configs + a short card
       run.json                        what ran: config, versions, counts, usage
-      <config>/<split>-00000-of-00001.parquet
+      <config>/<split>-<digest>-00000-of-00001.parquet
+
+Why the digest in shard names: ``datasets`` caches a local folder under its base name and a hash of the
+``configs:`` *patterns* only (not paths, sizes or mtimes; measured with datasets 5.2), so a folder re-written
+with different rows, or another folder of the same name, would load the stale cached copy. A content digest in
+the pattern changes the cache key exactly when the data changes, and keeps identical runs byte-identical.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Mapping
@@ -37,34 +43,39 @@ def prepare_folder(path: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def write_split(ds: Dataset, out: Path, config: str, split: str) -> list[str]:
-    """Write ``ds`` as parquet shards ``<config>/<split>-XXXXX-of-NNNNN.parquet``; returns relative paths."""
+def write_split(ds: Dataset, out: Path, config: str, split: str) -> str:
+    """Write ``ds`` as ``<config>/<split>-<digest>-XXXXX-of-NNNNN.parquet``; returns the glob for ``configs:``."""
     folder = out / config
     folder.mkdir(parents=True, exist_ok=True)
     num_shards = max(1, -(-len(ds) // SHARD_ROWS))
-    paths = []
+    digest = hashlib.blake2b(digest_size=4)
+    written = []
     for index in range(num_shards):
-        rel = f"{config}/{split}-{index:05d}-of-{num_shards:05d}.parquet"
-        ds.shard(num_shards, index, contiguous=True).to_parquet(str(out / rel))
-        paths.append(rel)
-    return paths
+        tmp = folder / f".{split}-{index:05d}.parquet.tmp"
+        ds.shard(num_shards, index, contiguous=True).to_parquet(str(tmp))
+        digest.update(tmp.read_bytes())
+        written.append(tmp)
+    tag = digest.hexdigest()
+    for index, tmp in enumerate(written):
+        tmp.rename(folder / f"{split}-{tag}-{index:05d}-of-{num_shards:05d}.parquet")
+    return f"{config}/{split}-{tag}-*.parquet"
 
 
-def configs_yaml(configs: Mapping[str, list[str]]) -> str:
-    """YAML front matter ``configs:`` for {config: [split, ...]} (first config is the default)."""
+def configs_yaml(configs: Mapping[str, Mapping[str, str]]) -> str:
+    """YAML front matter ``configs:`` for {config: {split: path glob}} (the first config is the default)."""
     lines = ["configs:"]
     for number, (config, splits) in enumerate(configs.items()):
         lines.append(f"- config_name: {config}")
         if number == 0:
             lines.append("  default: true")
         lines.append("  data_files:")
-        for split in splits:
+        for split, pattern in splits.items():
             lines.append(f"  - split: {split}")
-            lines.append(f"    path: {config}/{split}-*.parquet")
+            lines.append(f"    path: {pattern}")
     return "\n".join(lines)
 
 
-def write_readme(out: Path, configs: Mapping[str, list[str]], body: str) -> None:
+def write_readme(out: Path, configs: Mapping[str, Mapping[str, str]], body: str) -> None:
     (out / "README.md").write_text(f"---\n{configs_yaml(configs)}\n---\n\n{body.strip()}\n", encoding="utf-8")
 
 

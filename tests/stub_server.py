@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import threading
 from collections import deque
 from typing import Any
@@ -19,19 +20,23 @@ from typing import Any
 from aiohttp import web
 
 
-def instance_of(schema: dict) -> Any:
-    """Smallest value that validates against a (ref-free) JSON schema: what a constrained decoder would emit."""
+def instance_of(schema: dict, rng: random.Random | None = None) -> Any:
+    """Smallest value that validates against a (ref-free) JSON schema: what a constrained decoder would emit.
+
+    With ``rng`` (seeded from the request's seed), enum choices vary like a sampling model's would, so tests can
+    tell whether two runs got the same answers for the same requests.
+    """
     if "enum" in schema:
-        return schema["enum"][-1]
+        return rng.choice(schema["enum"]) if rng is not None else schema["enum"][-1]
     if "const" in schema:
         return schema["const"]
     kind = schema.get("type")
     if "anyOf" in schema:
-        return instance_of(schema["anyOf"][0])
+        return instance_of(schema["anyOf"][0], rng)
     if kind == "object":
-        return {name: instance_of(sub) for name, sub in schema.get("properties", {}).items()}
+        return {name: instance_of(sub, rng) for name, sub in schema.get("properties", {}).items()}
     if kind == "array":
-        return [instance_of(schema["items"])] * max(1, schema.get("minItems", 1))
+        return [instance_of(schema["items"], rng)] * max(1, schema.get("minItems", 1))
     if kind == "string":
         return "ok" * max(1, schema.get("minLength", 1))
     if kind in ("integer", "number"):
@@ -73,6 +78,7 @@ class StubServer:
         self.peak_inflight = 0
         self.overload_at: int | None = None  # answer 429 whenever more than this many are in flight
         self.delay_s = 0.0
+        self.seeded_replies = False  # vary enum choices with the request's seed (see instance_of)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -184,7 +190,8 @@ class StubServer:
         if content is not None:
             return content
         schema = schema_of(payload)
-        return json.dumps(instance_of(schema)) if schema else "stub reply"
+        rng = random.Random(payload.get("seed")) if self.seeded_replies else None
+        return json.dumps(instance_of(schema, rng)) if schema else "stub reply"
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         def reply(payload: dict, content: str | None, finish: str) -> web.Response:

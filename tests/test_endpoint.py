@@ -37,7 +37,7 @@ from synthq_hf.endpoint import (
 )
 from synthq_hf.stages import score_instruction
 from synthq_hf.stages._common import ColumnError
-from synthq_hf.stages.score_instruction import CRITERIA, STAGE, InstructionScore
+from synthq_hf.stages.score_instruction import CRITERIA, STAGE, Criterion, InstructionScore
 from synthq_hf.structured import generate, json_schema
 
 datasets.disable_progress_bars()
@@ -179,7 +179,10 @@ def _assert_inlined_schema_with_max_length(schema: dict) -> None:
     for name in CRITERIA:
         criterion = schema["properties"][name]
         assert criterion["properties"]["analysis"]["type"] == "string"
-        assert criterion["properties"]["analysis"]["maxLength"] == 240
+        assert (
+            criterion["properties"]["analysis"]["maxLength"]
+            == Criterion.model_fields["analysis"].metadata[0].max_length
+        )
         assert criterion["properties"]["score"]["enum"] == [0, 1]
 
 

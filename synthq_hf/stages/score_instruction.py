@@ -37,7 +37,7 @@ CRITERIA = (
 
 
 class Criterion(BaseModel):
-    analysis: str = Field(max_length=240, description="one short sentence")
+    analysis: str = Field(max_length=120, description="one short sentence")
     score: Literal[0, 1]
 
 
