@@ -84,18 +84,23 @@ def parse_reply(text: str, model: type[M]) -> M:
         return model.model_validate_json(text)
     except ValidationError as err:
         first_error = err
-    decoder = json.JSONDecoder()
+    # strict=False admits raw control characters (a newline) inside strings: llama-cpp-python's JSON grammar
+    # allows them (its `char` rule is [^"\\], llama.cpp's excludes \x00-\x1F), so its constrained output is
+    # otherwise-valid JSON that a strict parser refuses. The object must still validate against the model.
+    decoder = json.JSONDecoder(strict=False)
+    schema_error: ValidationError | None = None
     start = text.find("{")
     while start != -1:
         try:
             obj, _ = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
-            start = text.find("{", start + 1)
-            continue
-        try:
             return model.model_validate(obj)
-        except ValidationError as err:
-            raise StageFailure(f"reply does not match the schema: {_first(err)}", text) from None
+        except json.JSONDecodeError:
+            pass
+        except ValidationError as err:  # an inner or unrelated object: keep looking, report the first
+            schema_error = schema_error or err
+        start = text.find("{", start + 1)
+    if schema_error is not None:
+        raise StageFailure(f"reply does not match the schema: {_first(schema_error)}", text)
     raise StageFailure(f"reply is not valid JSON: {_first(first_error)}", text)
 
 

@@ -39,3 +39,19 @@ def test_a_long_streak_of_failures_still_writes_typed_columns(tmp_path) -> None:
     totals = [t for t in out["total_score"] if t is not None]
     assert totals == [7] * (rows - failing)
     assert out.features["scores"] == FEATURES["scores"]
+
+
+def test_raw_newlines_inside_strings_parse_but_the_schema_still_rules() -> None:
+    """llama-cpp-python's JSON grammar lets raw control characters into strings; the object is still checked."""
+    from synthq_hf.stages.score_instruction import InstructionScore
+    from synthq_hf.structured import StageFailure, parse_reply
+
+    good = "{" + ", ".join(f'"{c}": {{"analysis": "first line\nsecond", "score": 0}}' for c in CRITERIA) + "}"
+    assert parse_reply(good, InstructionScore).creativity.analysis == "first line\nsecond"
+    missing = "{" + ", ".join(f'"{c}": {{"analysis": "x\ny", "score": 0}}' for c in CRITERIA[:-1]) + "}"
+    try:
+        parse_reply(missing, InstructionScore)
+    except StageFailure as err:
+        assert "real_world_application" in err.reason
+    else:
+        raise AssertionError("a reply missing a criterion must fail")
