@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 VENV="${SYNTHQ_VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e ".[local]"
+echo "installing into $VENV (the first install compiles llama.cpp: ~12 min on 2 cores)" >&2
+"$VENV/bin/python" -m pip install -qq --upgrade pip
+"$VENV/bin/python" -m pip install -qq -e ".[local]"
 "$VENV/bin/synthq" score --endpoint local --output synthq-output/scored --overwrite "$@"
