@@ -380,12 +380,14 @@ class EndpointClient:
         return self._session
 
     async def _idle(self) -> None:
-        """Close the session when nothing is in flight: ``datasets`` never closes its loop, so we tidy up."""
+        """Nothing in flight (usually: the map is done). ``datasets`` never closes its loop, so close the session
+        here; and commit the cache now, since a ``num_proc`` worker may be terminated before the writer's next tick.
+        """
         if self._active == 0 and self._session is not None:
             session, self._session = self._session, None
             await session.close()
         if self.cache is not None:
-            self.cache.request_flush()
+            self.cache.flush()
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
