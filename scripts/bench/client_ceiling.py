@@ -9,8 +9,10 @@ Then, in one process run, side by side:
   map       the same with the cache off
   bare map  an async ``Dataset.map`` over plain aiohttp, no synthq code (what datasets itself costs)
 
-Each is run ``--repeat`` times and the best is kept. ``--map-parallel`` sets
-``datasets.config.MAX_NUM_RUNNING_ASYNC_MAP_FUNCTIONS_IN_PARALLEL`` for the map runs (datasets' default: 1000).
+Each is run ``--repeat`` times and the best is kept; CPU µs/row (this process, cache writer thread included) is
+printed too, as it is far steadier than wall time on a shared machine. The map runs are repeated under each
+``--map-parallel`` value of ``datasets.config.MAX_NUM_RUNNING_ASYNC_MAP_FUNCTIONS_IN_PARALLEL`` (default: datasets'
+own 1000, and twice the concurrency). ``--only batched`` adds a ``batched=True`` prototype for comparison.
 
     .venv/bin/python scripts/bench/client_ceiling.py --rows 20000 --concurrency 64
 """
