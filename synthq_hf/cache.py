@@ -113,10 +113,6 @@ class RequestCache:
                     if self._pending.get(key) is value:
                         del self._pending[key]
 
-    def request_flush(self) -> None:
-        """Ask the writer thread to commit now without waiting for it (cheap; safe from the event loop)."""
-        self._wake.set()
-
     def _flush_loop(self) -> None:
         while not self._closed:
             self._wake.wait(self.flush_interval_s)

@@ -419,12 +419,15 @@ class EndpointClient:
         return _INFO[key]
 
     # -- the request loop -----------------------------------------------------------------------------------
-    async def post(self, route: str, payload: dict, *, stage: str, use_cache: bool = True) -> tuple[dict, bool]:
-        """POST JSON with cache, concurrency cap, retries and usage; returns (reply JSON, was_cached)."""
+    async def post(self, route: str, payload: dict, *, stage: str, cache_key: dict | None = None) -> tuple[Any, bool]:
+        """POST JSON with cache, concurrency cap, retries and usage; returns (reply JSON, was_cached).
+
+        ``cache_key`` identifies the request in the cache when the payload alone does not (default: the payload).
+        """
         info = self._info or await self.info()
         usage = usage_for(stage)
-        cache = self.cache if use_cache else None
-        key = request_key(route, payload) if cache is not None else b""
+        cache = self.cache
+        key = request_key(route, cache_key or payload) if cache is not None else b""
         if cache is not None:
             hit = cache.get(key)
             if hit is not None:
@@ -558,23 +561,11 @@ class EndpointClient:
         else:
             payload = {"content": text}
         # Tokenizers differ per model: the model name joins the cache key even where the route doesn't take it.
-        data = await self._post_tokenize(route, payload, {**payload, "_model": info.model})
+        data, _ = await self.post(route, payload, stage="tokenize", cache_key={**payload, "_model": info.model})
         if isinstance(data, list):  # TGI: [{"id":…, "text":…, "start":…, "stop":…}, …]
             return [int(tok["id"]) for tok in data]
         tokens = data.get("tokens", [])
         return [int(t["id"]) if isinstance(t, dict) else int(t) for t in tokens]
-
-    async def _post_tokenize(self, route: str, send: dict, key_payload: dict) -> Any:
-        cache = self.cache
-        key = request_key(route, key_payload)
-        if cache is not None:
-            hit = cache.get(key)
-            if hit is not None:
-                return orjson.loads(hit)
-        data, _ = await self.post(route, send, stage="tokenize", use_cache=False)
-        if cache is not None:
-            cache.put(key, orjson.dumps(data))
-        return data
 
 
 def _usage_tokens(data: Any) -> tuple[int, int]:

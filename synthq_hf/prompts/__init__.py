@@ -22,20 +22,19 @@ _ENV = jinja2.Environment(
 )
 
 
-@cache
-def _template(name: str) -> jinja2.Template:
+def _load(name: str) -> jinja2.Template:
     template = _ENV.get_template(name)
     # Template.globals is a ChainMap (template → environment globals) that jinja copies into a dict on every
-    # render: about half the cost of rendering a prompt, paid once per row. Nothing changes globals after load.
+    # render: about half the cost of rendering a prompt. Nothing changes globals after load.
     template.globals = dict(template.globals)
     return template
 
 
 @cache
 def _templates(stage: str) -> tuple[jinja2.Template | None, jinja2.Template]:
-    """The stage's (system template or ``None``, user template), looked up once per process."""
-    system = _template(f"{stage}.system.j2") if (PROMPT_DIR / f"{stage}.system.j2").exists() else None
-    return system, _template(f"{stage}.user.j2")
+    """The stage's (system template or ``None``, user template), loaded once per process."""
+    system = f"{stage}.system.j2"
+    return (_load(system) if (PROMPT_DIR / system).exists() else None), _load(f"{stage}.user.j2")
 
 
 def render(stage: str, **variables: object) -> list[dict[str, str]]:
