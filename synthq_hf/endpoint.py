@@ -104,7 +104,7 @@ class EndpointConfig:
 
 @dataclass
 class ServerInfo:
-    """What probing the server found out; cached per process and per URL."""
+    """What probing the server found out; held by the client that probed."""
 
     base_url: str
     dialect: str
@@ -233,9 +233,6 @@ class AdaptiveLimiter:
             self._wake()
 
 
-_INFO: dict[tuple, ServerInfo] = {}
-
-
 def _base_url(url: str) -> str:
     base = url.rstrip("/")
     if base.endswith("/v1"):
@@ -286,7 +283,7 @@ async def _first_model(session: aiohttp.ClientSession, base: str) -> str | None:
 
 
 async def detect_server(session: aiohttp.ClientSession, config: EndpointConfig, base: str) -> ServerInfo:
-    """Find out which server speaks at ``base`` (once per process): TGI, vLLM, llama.cpp or generic OpenAI."""
+    """Find out which server speaks at ``base`` (once per client): TGI, vLLM, llama.cpp or generic OpenAI."""
     tried: list[str] = []
     unreachable: list[str] = []
     refused: list[int] = []
@@ -406,17 +403,15 @@ class EndpointClient:
             from synthq_hf.local_server import ensure_local_server
 
             url = await asyncio.to_thread(ensure_local_server)
-        base = _base_url(url)
-        key = (base, self.config.dialect, self.config.model, self.config.max_concurrency)
-        if key not in _INFO:
-            self._active += 1
-            try:
-                _INFO[key] = await detect_server(self._session_now(), self.config, base)
-            finally:
-                self._active -= 1
-                if self._active == 0:
-                    await self._idle()
-        return _INFO[key]
+        # Once per client, i.e. per (event loop, config): a few GETs per map call, and never a stale answer
+        # about a URL that now serves something else.
+        self._active += 1
+        try:
+            return await detect_server(self._session_now(), self.config, _base_url(url))
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                await self._idle()
 
     # -- the request loop -----------------------------------------------------------------------------------
     async def post(self, route: str, payload: dict, *, stage: str, cache_key: dict | None = None) -> tuple[Any, bool]:
