@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 import orjson
+from filelock import FileLock
 
 #: A rowid table (the key's index is separate and small): replies are kilobytes, and a WITHOUT ROWID table keeps
 #: whole rows in its interior pages, so at ~1.5 KB a row its fan-out is ~2 and every insert or lookup walks ~15
@@ -48,11 +49,18 @@ def request_key(route: str, payload: dict) -> bytes:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    """Open ``path`` in WAL mode with the table in place.
+
+    Switching a file to WAL and creating the table take locks for which SQLite does not always call the busy
+    handler: two ``num_proc`` workers opening a fresh file at the same moment got "database is locked" at once
+    (seen in CI). An inter-process file lock around the set-up serialises just those few statements.
+    """
     conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=60000")
-    conn.execute(_SCHEMA)
+    with FileLock(f"{path}.lock", timeout=60):
+        conn.execute("PRAGMA busy_timeout=60000")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(_SCHEMA)
     return conn
 
 
