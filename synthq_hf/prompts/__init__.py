@@ -48,6 +48,16 @@ def render(stage: str, **variables: object) -> list[dict[str, str]]:
 
 
 @cache
+def _part(name: str) -> jinja2.Template:
+    return _load(f"{name}.j2")
+
+
+def render_part(name: str, **variables: object) -> str:
+    """A template fragment such as ``generate_instruction.demo``: stages that budget tokens render pieces alone."""
+    return _part(name).render(**variables).strip()
+
+
+@cache
 def prompt_hash(stage: str) -> str:
     """Short sha256 over the stage's template files, for provenance."""
     digest = hashlib.sha256()

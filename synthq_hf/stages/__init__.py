@@ -7,6 +7,10 @@ from collections.abc import Callable
 
 from datasets import Features
 
+from synthq_hf.stages.extract_keywords import extract_keywords
+from synthq_hf.stages.generate_instruction import generate_instruction
+from synthq_hf.stages.ground import ground
+from synthq_hf.stages.reject import mark_rejected, split_rejected
 from synthq_hf.stages.score_instruction import score_instruction
 
 
@@ -25,4 +29,12 @@ def output_features(input_features: Features | None, *stages: Callable) -> Featu
     return Features(merged)
 
 
-__all__ = ["output_features", "score_instruction"]
+__all__ = [
+    "extract_keywords",
+    "generate_instruction",
+    "ground",
+    "mark_rejected",
+    "output_features",
+    "score_instruction",
+    "split_rejected",
+]

@@ -42,3 +42,9 @@ def row_id(row: Mapping[str, Any], *texts: str) -> str:
 def failure(stage: str, columns: Mapping[str, Any], reason: str) -> dict[str, Any]:
     """The stage's output columns set to their empty value, plus ``<stage>_error``: the row is kept."""
     return {**columns, f"{stage}_error": reason}
+
+
+def error_reason(stage: str, err: Exception) -> str:
+    """The ``<stage>_error`` text for a failed request or an invalid reply (which carries the raw reply)."""
+    describe = getattr(err, "describe", None)
+    return describe(stage) if callable(describe) else f"{stage}: {err}"
