@@ -108,8 +108,20 @@ async def truncate_tokens(
     count = await _count(cut, source, endpoint, tokenizer)
     if count <= limit and len(cut) == len(text):
         return text, count, False
-    while count > limit:
-        # Shrink by the measured ratio, a little under, so one or two rounds land just below the limit.
-        cut = cut[: max(0, min(len(cut) - 1, int(len(cut) * limit / count * 0.98)))]
-        count = await _count(cut, source, endpoint, tokenizer)
-    return cut, count, True
+    # Interpolate between a length that fits and one that does not, by the counts measured at each, until the
+    # piece is within 2% of the limit (usually two or three counts, each a cached request).
+    fit, fit_count = 0, 0
+    over, over_count = len(cut), count
+    if count <= limit:
+        fit, fit_count = len(cut), count
+    for _ in range(8):
+        if fit_count >= limit * 0.98 or over - fit <= 1 or over_count <= limit:
+            break
+        guess = fit + int((over - fit) * (limit - fit_count) / (over_count - fit_count))
+        guess = min(max(guess, fit + 1), over - 1)
+        guess_count = await _count(text[:guess], source, endpoint, tokenizer)
+        if guess_count <= limit:
+            fit, fit_count = guess, guess_count
+        else:
+            over, over_count = guess, guess_count
+    return text[:fit], fit_count, True
