@@ -104,6 +104,33 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from synthq_hf.recipes import load_recipe
+    from synthq_hf.recipes.runner import run_recipe
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    out = run_recipe(
+        recipe,
+        args.output,
+        limit=args.limit,
+        overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+    )
+    report = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    counts = report["counts"]
+    print(
+        f"{recipe.name}: {counts['instructions']['train']} instructions kept, "
+        f"{counts['instructions']['rejected']} rejected, {counts['demonstrations']['train']} demonstrations "
+        f"in {report['seconds']:.0f}s"
+    )
+    print(f"output: {out.resolve()}")
+    print(f'open it: load_dataset("{out.resolve()}", "instructions")')
+    if args.push_to_hub:
+        print(f'on the Hub: load_dataset("{args.push_to_hub}", "instructions")')
+    return 0
+
+
 def cmd_serve_local(args: argparse.Namespace) -> int:
     from synthq_hf.local_server import serve_forever
 
@@ -139,6 +166,33 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--no-cache", action="store_true", help="do not read or write the request cache")
     score.set_defaults(func=cmd_score)
 
+    run = sub.add_parser(
+        "run",
+        help="run a recipe (seeds → demonstrations, corpus → scored instructions) into a dataset folder",
+        description="Run a bundled recipe (demo, synthquestions) or a recipe YAML file. Writes a Hub-layout "
+        "folder (configs instructions and demonstrations, a dataset card, run.json) that load_dataset() opens. "
+        "Running the same recipe into the same folder again resumes from the request cache.",
+    )
+    run.add_argument("recipe", help="bundled recipe name (demo, synthquestions) or a path to a recipe YAML")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set endpoints.generator.url=http://tgi:8080 (repeatable)",
+    )
+    run.add_argument("--limit", type=int, help="read at most N corpus rows (streamed rows count)")
+    run.add_argument("--output", "-o", help="output folder (default: the recipe's output.dir)")
+    run.add_argument("--overwrite", action="store_true", help="replace a folder that holds another run")
+    run.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to this Hub dataset repo")
+    run.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    run.set_defaults(func=cmd_run)
+
+    from synthq_hf.hub import add_push_command
+    from synthq_hf.search.cli import add_index_commands
+
+    add_push_command(sub)
+    add_index_commands(sub)
+
     serve = sub.add_parser(
         "serve-local",
         help="run the embedded llama.cpp server with the bundled SmolLM2-135M model",
@@ -151,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from synthq_hf.endpoint import EndpointError
+    from synthq_hf.hub import HubPushError
     from synthq_hf.local_server import LocalServerError
     from synthq_hf.output import OutputError
     from synthq_hf.stages._common import ColumnError
@@ -158,7 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (EndpointError, ColumnError, LocalServerError, OutputError, FileNotFoundError, ValueError) as err:
+    except (
+        EndpointError,
+        ColumnError,
+        LocalServerError,
+        OutputError,
+        HubPushError,
+        FileNotFoundError,
+        ValueError,
+    ) as err:
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,7 +23,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import Dataset, Features
 
 SHARD_ROWS = 100_000
 
@@ -43,28 +45,107 @@ def prepare_folder(path: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def write_split(ds: Dataset, out: Path, config: str, split: str) -> str:
-    """Write ``ds`` as ``<config>/<split>-<digest>-XXXXX-of-NNNNN.parquet``; returns the glob for ``configs:``."""
-    folder = out / config
-    folder.mkdir(parents=True, exist_ok=True)
-    num_shards = max(1, -(-len(ds) // SHARD_ROWS))
-    digest = hashlib.blake2b(digest_size=4)
-    written = []
-    for index in range(num_shards):
-        tmp = folder / f".{split}-{index:05d}.parquet.tmp"
-        ds.shard(num_shards, index, contiguous=True).to_parquet(str(tmp))
-        digest.update(tmp.read_bytes())
-        written.append(tmp)
-    tag = digest.hexdigest()
-    for index, tmp in enumerate(written):
-        tmp.rename(folder / f"{split}-{tag}-{index:05d}-of-{num_shards:05d}.parquet")
-    return f"{config}/{split}-{tag}-*.parquet"
+class ShardWriter:
+    """Rows in, parquet shards out as they fill: a streamed split never sits in memory.
+
+    Shards are written under temporary names and renamed on :meth:`close`, when the shard count and the content
+    digest are known (see the module docstring). Memory holds one write batch (``batch_rows`` rows).
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        config: str,
+        split: str,
+        features: Features,
+        shard_rows: int = SHARD_ROWS,
+        batch_rows: int = 1000,
+    ):
+        self.folder = out / config
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.config, self.split = config, split
+        self.schema = features.arrow_schema
+        self.shard_rows, self.batch_rows = shard_rows, batch_rows
+        self.rows = 0
+        self._buffer: list[dict[str, Any]] = []
+        self._shards: list[Path] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._in_shard = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._buffer.append(row)
+        if len(self._buffer) >= self.batch_rows:
+            self._flush()
+
+    def add_dataset(self, ds: Dataset) -> None:
+        for batch in ds.with_format("arrow").iter(self.batch_rows):
+            self._write(batch.select(self.schema.names).cast(self.schema))
+
+    def _flush(self) -> None:
+        if self._buffer:
+            rows, self._buffer = self._buffer, []
+            self._write(pa.Table.from_pylist(rows, schema=self.schema))
+
+    def _write(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self._writer is None:
+                path = self.folder / f".{self.split}-{len(self._shards):05d}.parquet.tmp"
+                self._shards.append(path)
+                self._writer = pq.ParquetWriter(path, self.schema)
+                self._in_shard = 0
+            take = min(table.num_rows, self.shard_rows - self._in_shard)
+            self._writer.write_table(table.slice(0, take))
+            table = table.slice(take)
+            self._in_shard += take
+            self.rows += take
+            if self._in_shard >= self.shard_rows:
+                self._writer.close()
+                self._writer = None
+
+    def close(self) -> str | None:
+        """Finish the last shard, name every shard ``<split>-<digest>-XXXXX-of-NNNNN``; returns their glob.
+
+        An empty split writes nothing and returns ``None``: ``datasets`` cannot read a parquet file without rows
+        ("BatchSize must be greater than 0"), so the split is left out of ``configs:`` instead.
+        """
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        for old in self.folder.glob(f"{self.split}-*.parquet"):
+            old.unlink()
+        if not self._shards:
+            return None
+        digest = hashlib.blake2b(digest_size=4)
+        for path in self._shards:
+            with path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+        tag = digest.hexdigest()
+        for index, path in enumerate(self._shards):
+            path.rename(self.folder / f"{self.split}-{tag}-{index:05d}-of-{len(self._shards):05d}.parquet")
+        return f"{self.config}/{self.split}-{tag}-*.parquet"
 
 
-def configs_yaml(configs: Mapping[str, Mapping[str, str]]) -> str:
-    """YAML front matter ``configs:`` for {config: {split: path glob}} (the first config is the default)."""
+def write_split(ds: Dataset, out: Path, config: str, split: str, shard_rows: int = SHARD_ROWS) -> str | None:
+    """Write ``ds`` as ``<config>/<split>-<digest>-XXXXX-of-NNNNN.parquet``; returns the glob for ``configs:``
+    (``None`` for an empty split, which gets no file)."""
+    writer = ShardWriter(out, config, split, ds.features, shard_rows=shard_rows)
+    writer.add_dataset(ds)
+    return writer.close()
+
+
+def present(configs: Mapping[str, Mapping[str, str | None]]) -> dict[str, dict[str, str]]:
+    """The configs and splits that hold rows: empty splits (``None``) and configs left with none are dropped."""
+    kept = {config: {s: p for s, p in splits.items() if p} for config, splits in configs.items()}
+    return {config: splits for config, splits in kept.items() if splits}
+
+
+def configs_yaml(configs: Mapping[str, Mapping[str, str | None]]) -> str:
+    """YAML front matter ``configs:`` for {config: {split: path glob}} (the first config is the default);
+    empty splits and configs are left out (see :func:`present`)."""
     lines = ["configs:"]
-    for number, (config, splits) in enumerate(configs.items()):
+    for number, (config, splits) in enumerate(present(configs).items()):
         lines.append(f"- config_name: {config}")
         if number == 0:
             lines.append("  default: true")

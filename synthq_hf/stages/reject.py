@@ -38,9 +38,10 @@ def mark_rejected(row: dict[str, Any], threshold: int | None = 3, score_column: 
 
 
 def split_rejected(ds: Dataset) -> tuple[Dataset, Dataset]:
-    """(kept, rejected) of a marked dataset; kept rows lose the empty ``rejected_by``/``reason`` columns."""
+    """(kept, rejected) of a marked dataset. Both keep every column (kept rows with empty ``rejected_by`` and
+    ``reason``): the splits of one Hub config must share a schema for ``load_dataset`` to open them."""
     if "rejected_by" not in ds.column_names:
         raise ValueError("split_rejected needs a 'rejected_by' column: map mark_rejected over the dataset first")
     kept = ds.filter(lambda marks: [m is None for m in marks], input_columns="rejected_by", batched=True)
     rejected = ds.filter(lambda marks: [m is not None for m in marks], input_columns="rejected_by", batched=True)
-    return kept.remove_columns(["rejected_by", "reason"]), rejected
+    return kept, rejected

@@ -1,0 +1,402 @@
+"""Run a recipe: seeds → demonstrations, corpus → instructions, written as a Hub-layout folder with a card.
+
+The corpus side streams: an ``IterableDataset`` flows through the row stages and each row lands in a ``train`` or
+``rejected`` shard as it arrives (``output.ShardWriter``), so memory stays flat however large the corpus. Global
+stages (dedup, topic balancing) need every row at once; they run afterwards over the written ``train`` split,
+which ``datasets`` memory-maps from disk, and send what they drop to ``rejected``.
+
+Resuming: every answer is in the durable request cache, so running the same recipe into the same folder again
+re-sends only what was never answered and writes the same output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import json
+import logging
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, Features, IterableDataset
+
+from synthq_hf import output, prompts
+from synthq_hf.endpoint import USAGE, EndpointConfig, get_client
+from synthq_hf.inputs import open_dataset, resolve_source
+from synthq_hf.recipes.recipe import Recipe, RecipeError
+
+log = logging.getLogger(__name__)
+MARKER = ".synthq-recipe.json"
+
+
+def _stage(module: str, name: str) -> Callable[[], Callable]:
+    def load() -> Callable:
+        return getattr(__import__(f"synthq_hf.stages.{module}", fromlist=[name]), name)
+
+    return load
+
+
+@dataclass(frozen=True)
+class Step:
+    """How a recipe line runs: ``row`` stages map over rows (streaming), ``global`` ones take the whole split."""
+
+    kind: str
+    load: Callable[[], Callable]
+    role: str | None = None  # endpoint role it calls; ``endpoint: <role>`` in its parameters picks another
+    fixed: tuple[str, ...] = ()  # arguments the runner supplies
+
+    def check(self, params: dict[str, Any], where: str, recipe: Recipe) -> None:
+        allowed = [
+            name
+            for name in list(inspect.signature(self.load()).parameters)[1:]
+            if name not in self.fixed and name != "endpoint"
+        ]
+        if self.role:
+            allowed.append("endpoint")
+        for key in params:
+            if key not in allowed:
+                raise RecipeError(f"unknown parameter {where}.{key}; valid: {', '.join(allowed)}")
+        if self.role:
+            role = params.get("endpoint", self.role)
+            if role not in recipe.endpoints and not (role == "judge" and "generator" in recipe.endpoints):
+                raise RecipeError(f"{where} needs endpoints.{role}; the recipe has {', '.join(recipe.endpoints)}")
+
+
+STEPS: dict[str, Step] = {
+    "extract_keywords": Step("row", _stage("extract_keywords", "extract_keywords"), "generator"),
+    "search_documents": Step("row", _stage("search_documents", "search_documents"), None, ("index", "web")),
+    "ground": Step("row", _stage("ground", "ground"), "generator"),
+    "generate_instruction": Step(
+        "row", _stage("generate_instruction", "generate_instruction"), "generator", ("demonstrations",)
+    ),
+    "score_instruction": Step("row", _stage("score_instruction", "score_instruction"), "judge"),
+    "filter": Step("mark", _stage("reject", "mark_rejected")),
+}
+
+
+def _endpoint(recipe: Recipe, step: Step, params: dict[str, Any]) -> EndpointConfig:
+    role = params.get("endpoint", step.role)
+    if role == "judge" and role not in recipe.endpoints:
+        role = "generator"
+    return recipe.endpoints[role]
+
+
+def _features(module_name: str) -> Features:
+    return sys.modules[module_name].FEATURES
+
+
+def _apply_row_steps(
+    ds: Dataset | IterableDataset,
+    pipeline: dict[str, dict[str, Any]],
+    recipe: Recipe,
+    features: Features,
+    extra: dict[str, Any],
+) -> tuple[Dataset | IterableDataset, Features]:
+    """Chain the pipeline's row stages as ``map`` calls; returns the dataset and its final features."""
+    for name, params in pipeline.items():
+        step = STEPS[name]
+        if step.kind == "global":
+            continue
+        fn = step.load()
+        kwargs = {k: v for k, v in params.items() if k != "endpoint"}
+        if step.role:
+            kwargs["endpoint"] = _endpoint(recipe, step, params)
+        kwargs.update({key: extra[key] for key in step.fixed if key in extra})
+        features = Features({**features, **_features(fn.__module__)})
+        map_kwargs: dict[str, Any] = {"fn_kwargs": kwargs, "features": features}
+        if isinstance(ds, Dataset):
+            map_kwargs.update(desc=name, load_from_cache_file=False)
+        ds = ds.map(fn, **map_kwargs)
+    return ds, features
+
+
+def _summary(reason: str | None) -> str:
+    """A rejection reason without the raw reply and attempt count: rows with the same cause group together."""
+    text = (reason or "").split(" | raw reply", 1)[0]
+    return text.replace(" (after 3 attempts)", "").strip()[:160]
+
+
+class _Tally:
+    """Counts per stage while rows stream past: who rejected what, and each stage's row errors."""
+
+    def __init__(self, stages: list[str]):
+        self.stages = stages
+        self.rows = 0
+        self.rejected_by: Counter[str] = Counter()
+        self.reasons: dict[str, Counter[str]] = {}
+        self.errors: Counter[str] = Counter()
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows += 1
+        for stage in self.stages:
+            if row.get(f"{stage}_error"):
+                self.errors[stage] += 1
+        by = row.get("rejected_by")
+        if by:
+            self.rejected_by[by] += 1
+            self.reasons.setdefault(by, Counter())[_summary(row.get("reason"))] += 1
+
+    def table(self) -> list[dict[str, Any]]:
+        rows, table = self.rows, []
+        for stage in self.stages:
+            rejected = self.rejected_by.get(stage, 0)
+            table.append(
+                {"name": stage, "in": rows, "out": rows - rejected, "rejected": rejected, "errors": self.errors[stage]}
+            )
+            rows -= rejected
+        return table
+
+
+def _prepare(out: Path, recipe: Recipe, overwrite: bool) -> None:
+    """Refuse to mix runs: a folder holding another recipe's run needs ``--overwrite``; the same recipe resumes."""
+    marker = out / MARKER
+    resolved = json.dumps(recipe.as_dict(), sort_keys=True, default=str)
+    if out.exists() and any(out.iterdir()):
+        same = marker.exists() and marker.read_text(encoding="utf-8") == resolved
+        if not (same or overwrite):
+            what = "another recipe's run" if marker.exists() else "files that are not a synthq run"
+            raise output.OutputError(f"{out} holds {what}; pass --overwrite or choose another --output")
+        if same and not overwrite:
+            log.info("resuming %s: answers already in the request cache are not requested again", out)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(resolved, encoding="utf-8")
+
+
+def _index_for(recipe: Recipe) -> str:
+    """The BM25 index folder: the recipe's, or one built once from a local corpus and kept in the cache."""
+    if recipe.search.index:
+        return recipe.search.index
+    source = resolve_source(recipe.corpus.dataset)
+    if not Path(source).exists():
+        raise RecipeError(
+            "search.index is not set and the corpus is not a local file to index; build one with "
+            f"`synthq index build --dataset {recipe.corpus.dataset} --text-column {recipe.corpus.text_column} "
+            "--out DIR` and pass --set search.index=DIR"
+        )
+    from synthq_hf.cache import default_cache_path
+    from synthq_hf.search.bm25 import build_index
+
+    stat = Path(source).stat()
+    key = hashlib.blake2b(f"{Path(source).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode(), digest_size=8)
+    folder = default_cache_path().parent / "indexes" / f"{Path(source).stem}-{key.hexdigest()}"
+    if not (folder / "synthq-index.json").exists() and not folder.exists():
+        columns = open_dataset(source, split=recipe.corpus.split).column_names
+        build_index(
+            source,
+            text_column=recipe.corpus.text_column,
+            out=folder,
+            id_column="id" if "id" in columns else None,
+            url_column="url" if "url" in columns else None,
+            split=recipe.corpus.split,
+            streaming=False,
+            progress=False,
+        )
+    return str(folder)
+
+
+def _describe_endpoints(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """Role → the server's dialect and model as it reported them (for the card; no URLs, no keys)."""
+
+    async def info(cfg: EndpointConfig) -> dict[str, Any]:
+        found = await get_client(cfg).info()
+        return {"dialect": found.dialect, "model": found.model}
+
+    described = {}
+    for role, cfg in recipe.endpoints.items():
+        try:
+            described[role] = asyncio.run(info(cfg))
+        except Exception as err:  # the card says the server could not be asked; the run itself succeeded
+            described[role] = {"error": str(err).splitlines()[0][:200]}
+    return described
+
+
+def _demonstrations(recipe: Recipe, out: Path) -> tuple[Dataset, dict[str, str], list[dict[str, Any]], dict]:
+    seeds = open_dataset(recipe.seeds.dataset, config=recipe.seeds.config, split=recipe.seeds.split)
+    if recipe.seeds.limit:
+        seeds = seeds.select(range(min(recipe.seeds.limit, len(seeds))))
+    if recipe.seeds.text_column != "prompt":
+        seeds = seeds.rename_column(recipe.seeds.text_column, "prompt")
+    extra: dict[str, Any] = {}
+    if "search_documents" in recipe.demonstrations:
+        if recipe.search.backend == "web":
+            from synthq_hf.search.web import WebSearchConfig
+
+            extra["web"] = WebSearchConfig(**recipe.search.web)
+        else:
+            extra["index"] = _index_for(recipe)
+    mapped, features = _apply_row_steps(seeds, recipe.demonstrations, recipe, seeds.features, extra)
+    from synthq_hf.stages.reject import FEATURES as REJECT_FEATURES
+    from synthq_hf.stages.reject import mark_rejected, split_rejected
+
+    marked = mapped.map(
+        mark_rejected,
+        fn_kwargs={"threshold": None},
+        features=Features({**features, **REJECT_FEATURES}),
+        load_from_cache_file=False,
+        desc="mark rejected",
+    )
+    tally = _Tally(list(recipe.demonstrations))
+    marks = [c for c in marked.column_names if c.endswith("_error") or c in ("rejected_by", "reason")]
+    for row in marked.select_columns(marks):
+        tally.add(row)
+    kept, rejected = split_rejected(marked)
+    splits = {
+        "train": output.write_split(kept, out, "demonstrations", "train"),
+        "rejected": output.write_split(rejected, out, "demonstrations", "rejected"),
+    }
+    return kept, splits, tally.table(), {k: dict(v) for k, v in tally.reasons.items()}
+
+
+def _progress(total: int | None):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="instructions", unit="row", disable=None, mininterval=1.0)
+
+
+def _instructions(
+    recipe: Recipe,
+    out: Path,
+    demonstrations: Dataset,
+    limit: int | None,
+    corpus: Dataset | IterableDataset | None = None,
+) -> tuple[dict[str, str], list[dict[str, Any]], dict]:
+    spec = recipe.corpus
+    if corpus is None:
+        corpus = open_dataset(spec.dataset, config=spec.config, split=spec.split, streaming=spec.streaming)
+    limit = limit or spec.limit
+    if limit and isinstance(corpus, IterableDataset):
+        corpus = corpus.take(limit)  # counts streamed rows; nothing past them is read
+    elif limit:
+        corpus = corpus.select(range(min(limit, len(corpus))))
+    if isinstance(corpus, IterableDataset) and corpus.features is None:
+        corpus = corpus._resolve_features()
+    if spec.text_column != "document":
+        corpus = corpus.rename_column(spec.text_column, "document")
+    row_steps = {k: v for k, v in recipe.instructions.items() if STEPS[k].kind != "global"}
+    mapped, features = _apply_row_steps(corpus, row_steps, recipe, corpus.features, {"demonstrations": demonstrations})
+    from synthq_hf.stages.reject import FEATURES as REJECT_FEATURES
+    from synthq_hf.stages.reject import mark_rejected
+
+    filtering = "filter" in recipe.instructions
+    features = Features({**features, **REJECT_FEATURES})
+    if "filter" not in recipe.instructions:
+        mapped = mapped.map(mark_rejected, fn_kwargs={"threshold": None}, features=features)
+    # Every split of a config must share one schema (datasets refuses to load it otherwise), so train carries
+    # the empty rejected_by/reason columns too.
+    train = output.ShardWriter(out, "instructions", "train", features, shard_rows=recipe.output.shard_rows)
+    rejected = output.ShardWriter(out, "instructions", "rejected", features, shard_rows=recipe.output.shard_rows)
+    stages_seen = [s for s in row_steps if s != "filter"]
+    if filtering and "score_instruction" not in stages_seen:
+        stages_seen.append("score_instruction")  # the filter's rejections are the score's
+    tally = _Tally(stages_seen)
+    bar = _progress(limit if limit else None)
+    errors = 0
+    for row in mapped if isinstance(mapped, IterableDataset) else mapped.to_iterable_dataset():
+        tally.add(row)
+        if row.get("rejected_by"):
+            rejected.add(row)
+            errors += any(row.get(f"{s}_error") for s in stages_seen)
+        else:
+            train.add(row)
+        bar.update(1)
+        tokens = sum(u.prompt_tokens + u.completion_tokens for u in USAGE.values())
+        bar.set_postfix(kept=train.rows, rejected=rejected.rows, errors=errors, tokens=tokens, refresh=False)
+    bar.close()
+    splits = {"train": train.close(), "rejected": rejected.close()}
+    return splits, tally.table(), {k: dict(v) for k, v in tally.reasons.items()}
+
+
+def run_recipe(
+    recipe: Recipe,
+    out_dir: str | Path | None = None,
+    *,
+    limit: int | None = None,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    corpus: Dataset | IterableDataset | None = None,
+) -> Path:
+    """Run ``recipe`` into ``out_dir`` (default ``recipe.output.dir``); optionally push the folder to the Hub.
+
+    ``corpus`` replaces the recipe's corpus source with a dataset built in Python (e.g. an ``IterableDataset``
+    from a generator); the recipe's ``text_column`` and ``limit`` still apply.
+    """
+    out = Path(out_dir or recipe.output.dir)
+    _prepare(out, recipe, overwrite)
+    started = time.monotonic()
+    USAGE.clear()
+    demonstrations, demo_splits, demo_table, demo_reasons = _demonstrations(recipe, out)
+    instruction_splits, table, reasons = _instructions(recipe, out, demonstrations, limit, corpus)
+    configs = {"instructions": instruction_splits, "demonstrations": demo_splits}
+    stages_used = [*recipe.demonstrations, *recipe.instructions]
+    report = {
+        "recipe": recipe.as_dict(),
+        "limit": limit,
+        "seed": recipe.seed,
+        "seconds": round(time.monotonic() - started, 2),
+        "stages": demo_table + table,
+        "rejected_reasons": {**demo_reasons, **reasons},
+        "counts": {
+            config: {split: _count(out, pattern) for split, pattern in splits.items()}
+            for config, splits in configs.items()
+        },
+        "models": _describe_endpoints(recipe),
+        "prompt_hashes": {
+            s: prompts.prompt_hash(s) for s in stages_used if (prompts.PROMPT_DIR / f"{s}.user.j2").exists()
+        },
+        "sources": {"seeds": recipe.seeds.dataset, "corpus": recipe.corpus.dataset},
+        "usage": {stage: usage.as_dict() for stage, usage in USAGE.items()},
+        "versions": _versions(),
+        "repo_id": push_to_hub,
+    }
+    output.write_run_report(out, report)
+    _write_card(out, report, output.present(configs))
+    if push_to_hub:
+        from synthq_hf.hub import push_folder
+
+        push_folder(out, push_to_hub, private=private)
+    return out
+
+
+def _count(out: Path, pattern: str | None) -> int:
+    import pyarrow.parquet as pq
+
+    if pattern is None:
+        return 0
+    return sum(pq.ParquetFile(path).metadata.num_rows for path in sorted(out.glob(pattern)))
+
+
+def _write_card(out: Path, report: dict[str, Any], configs: dict[str, dict[str, str]]) -> None:
+    try:
+        from synthq_hf.cards import write_card
+    except ImportError:  # the card module is optional until it lands; a minimal card keeps the folder loadable
+        counts = report["counts"]["instructions"]
+        output.write_readme(
+            out,
+            configs,
+            f"# {report['recipe']['name']}\n\n{counts['train']} instructions kept, {counts['rejected']} rejected; "
+            "see run.json for what ran.\n",
+        )
+        return
+    write_card(out, report, configs)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+    import platform
+
+    found = {"python": platform.python_version()}
+    for name in ["synthq-hf", "datasets", "aiohttp", "pydantic", "huggingface_hub", "llama_cpp_python", "tantivy"]:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
