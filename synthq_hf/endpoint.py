@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import aiohttp
 import orjson
 
-from synthq_hf.cache import RequestCache, get_cache, request_key
+from synthq_hf.cache import RequestCache, body_key, get_cache, request_key
 
 Dialect = Literal["auto", "tgi", "vllm", "llamacpp", "openai"]
 DEFAULT_CONCURRENCY = 64
@@ -359,9 +359,10 @@ class EndpointClient:
             self._headers["Authorization"] = f"Bearer {self._api_key}"
         self._session: aiohttp.ClientSession | None = None
         self._info: ServerInfo | None = None
-        self._info_lock = asyncio.Lock()
+        self._detecting: asyncio.Future[ServerInfo] | None = None
         self.limiter: AdaptiveLimiter | None = None
         self.cache: RequestCache | None = get_cache(config.cache_path) if config.cache else None
+        self._params = config.generation_params
         self._active = 0
 
     # -- plumbing -------------------------------------------------------------------------------------------
@@ -390,12 +391,29 @@ class EndpointClient:
         return text.replace(self._api_key, "***") if self._api_key else text
 
     async def info(self) -> ServerInfo:
+        """What the server is (detected once per client). Callers that arrive during detection all wait for that
+        one detection and all go on when it ends. (A lock let them through one per event-loop turn: a batched map
+        starts thousands of rows before detection ends, and that trickle became the run's concurrency, measured
+        at 3 requests in flight of 64.) A failed detection fails every waiter; the next call tries again.
+        """
         if self._info is None:
-            async with self._info_lock:
-                if self._info is None:
-                    self._info = await self._detect()
-                    self.limiter = AdaptiveLimiter(self._info.max_concurrency)
+            detecting = self._detecting
+            if detecting is None:
+                detecting = self._detecting = asyncio.ensure_future(self._detect_once())
+                detecting.add_done_callback(_retrieve)  # no "exception never retrieved" if every waiter left
+            try:
+                await asyncio.shield(detecting)  # one waiter cancelled must not cancel the others' detection
+            except BaseException:
+                if self._detecting is detecting and detecting.done():
+                    self._detecting = None
+                raise
         return self._info
+
+    async def _detect_once(self) -> ServerInfo:
+        info = await self._detect()
+        self.limiter = AdaptiveLimiter(info.max_concurrency)
+        self._info = info
+        return info
 
     async def _detect(self) -> ServerInfo:
         url = self.config.url
@@ -418,17 +436,20 @@ class EndpointClient:
         """POST JSON with cache, concurrency cap, retries and usage; returns (reply JSON, was_cached).
 
         ``cache_key`` identifies the request in the cache when the payload alone does not (default: the payload).
+        The payload is serialised once, with sorted keys: those bytes are both the body and the cache key's input
+        (values may be ``orjson.Fragment``, JSON serialised in advance, e.g. a schema shared by every request).
         """
         info = self._info or await self.info()
         usage = usage_for(stage)
         cache = self.cache
-        key = request_key(route, cache_key or payload) if cache is not None else b""
+        body = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+        key = b""
         if cache is not None:
+            key = body_key(route, body) if cache_key is None else request_key(route, cache_key)
             hit = cache.get(key)
             if hit is not None:
                 usage.cache_hits += 1
                 return orjson.loads(hit), True
-        body = orjson.dumps(payload)
         url = info.base_url + route
         limiter = self.limiter
         config = self.config
@@ -496,12 +517,15 @@ class EndpointClient:
         row_id: str,
         sample: int = 0,
         attempt: int = 0,
-        response_format: dict | None = None,
+        response_format: dict | orjson.Fragment | None = None,
         **params: Any,
     ) -> Reply:
-        """``/v1/chat/completions``; the seed comes from (run seed, stage, row id, sample, attempt)."""
+        """``/v1/chat/completions``; the seed comes from (run seed, stage, row id, sample, attempt).
+
+        ``response_format`` may be an ``orjson.Fragment`` of JSON with sorted keys (see :meth:`post`).
+        """
         info = self._info or await self.info()
-        payload = {"model": info.model, "messages": messages, **self.config.generation_params, **params}
+        payload = {"model": info.model, "messages": messages, **self._params, **params}
         payload["seed"] = derive_seed(self.config.seed, stage, row_id, sample, attempt)
         if response_format is not None:
             payload["response_format"] = response_format
@@ -517,7 +541,7 @@ class EndpointClient:
     async def complete(self, prompt: str, *, stage: str, row_id: str, sample: int = 0, **params: Any) -> Reply:
         """Raw completion (no chat template applied by the server): TGI ``/generate``, else ``/v1/completions``."""
         info = self._info or await self.info()
-        merged = {**self.config.generation_params, **params}
+        merged = {**self._params, **params}
         seed = derive_seed(self.config.seed, stage, row_id, sample)
         if info.dialect == "tgi":
             parameters = {k: v for k, v in merged.items() if k != "max_tokens"}
@@ -563,6 +587,11 @@ class EndpointClient:
         return [int(t["id"]) if isinstance(t, dict) else int(t) for t in tokens]
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _usage_tokens(data: Any) -> tuple[int, int]:
     usage = data.get("usage") if isinstance(data, dict) else None
     if not isinstance(usage, dict):
@@ -582,23 +611,31 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-_CLIENTS: dict[int, tuple[asyncio.AbstractEventLoop, dict[EndpointConfig, EndpointClient]]] = {}
+_CLIENTS: dict[int, tuple[asyncio.AbstractEventLoop, dict[EndpointConfig, EndpointClient], dict[int, Any]]] = {}
 
 
 def get_client(config: EndpointConfig) -> EndpointClient:
-    """The live client for ``config`` on the running event loop (made on first use)."""
+    """The live client for ``config`` on the running event loop (made on first use).
+
+    Called once per row: a map passes the same config object to every row, so the client is found by the
+    object's identity first; hashing a config (it serialises ``params``) costs more than the rest of this.
+    """
     loop = asyncio.get_running_loop()
     entry = _CLIENTS.get(id(loop))
     if entry is None or entry[0] is not loop:
         # A new loop (datasets.map makes one per call): forget clients of loops that are gone or stopped.
-        for loop_id, (old_loop, _) in list(_CLIENTS.items()):
+        for loop_id, (old_loop, *_) in list(_CLIENTS.items()):
             if old_loop.is_closed() or not old_loop.is_running():
                 del _CLIENTS[loop_id]
-        entry = _CLIENTS[id(loop)] = (loop, {})
-    clients = entry[1]
+        entry = _CLIENTS[id(loop)] = (loop, {}, {})
+    _, clients, by_identity = entry
+    known = by_identity.get(id(config))
+    if known is not None and known[0] is config:
+        return known[1]
     client = clients.get(config)
     if client is None:
         client = clients[config] = EndpointClient(config)
+    by_identity[id(config)] = (config, client)  # holds the config, so its id is not reused while it is here
     return client
 
 

@@ -73,6 +73,7 @@ class StubServer:
         self.max_concurrent = max_concurrent
         self.requests: list[tuple[str, dict]] = []
         self.headers: list[dict[str, str]] = []  # the request headers of each entry in ``requests``
+        self.seen: list[str] = []  # "METHOD /path" of every request that reached the server, probes included
         self._script: deque = deque()
         self.inflight = 0
         self.peak_inflight = 0
@@ -105,6 +106,11 @@ class StubServer:
 
     # -- routes -------------------------------------------------------------------------------------------
     @web.middleware
+    async def _log(self, request: web.Request, handler) -> web.StreamResponse:
+        self.seen.append(f"{request.method} {request.path}")
+        return await handler(request)
+
+    @web.middleware
     async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
         if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return web.json_response({"error": "Authorization header is correct, but the token seems invalid"},
@@ -112,7 +118,7 @@ class StubServer:
         return await handler(request)
 
     def _app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._auth])
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._log, self._auth])
         app.router.add_get("/v1/models", self._models)
         if self.dialect == "tgi":
             app.router.add_get("/info", self._info)

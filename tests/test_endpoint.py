@@ -94,10 +94,10 @@ def free_port() -> int:
 
 
 class NotFoundServer(StubServer):
-    """A tiny aiohttp app with no routes at all: 404 to everything."""
+    """A tiny aiohttp app with no routes at all: 404 to everything (``seen`` still lists what was asked)."""
 
     def _app(self) -> web.Application:
-        return web.Application()
+        return web.Application(middlewares=[self._log])
 
 
 # -- dialect detection ---------------------------------------------------------------------------------------------
@@ -878,6 +878,33 @@ def test_failed_detection_leaves_no_connection_open(make_config):
         with pytest.raises(EndpointError):
             asyncio.run(go())
         assert wait_for_no_connections(server) == 0
+
+
+def test_rows_waiting_on_a_failed_detection_share_it_and_a_later_call_retries(make_config):
+    """Rows that start while the server is being detected wait for that one detection (they used to queue on a
+    lock and, on failure, each probe the server again, one after another)."""
+    with NotFoundServer() as server:
+        config = make_config(server.url)
+
+        async def many():
+            client = get_client(config)
+            return await asyncio.gather(*(client.info() for _ in range(20)), return_exceptions=True)
+
+        async def again():
+            client = get_client(config)
+            await asyncio.gather(*(client.info() for _ in range(20)), return_exceptions=True)
+            probes = len(server.seen)
+            with pytest.raises(EndpointError):
+                await client.info()  # the same client: a failed detection is not remembered
+            return probes
+
+        results = asyncio.run(many())
+        assert all(isinstance(r, EndpointError) for r in results)
+        one_detection = len(server.seen)
+        assert 0 < one_detection <= 6  # the routes of one detection (/info, /version, ...), not 20 × that
+        server.seen.clear()
+        assert asyncio.run(again()) == one_detection
+        assert len(server.seen) == 2 * one_detection
 
 
 def test_tokenize_without_route_leaves_no_connection_open(stub, make_config):
