@@ -611,14 +611,15 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-_CLIENTS: dict[int, tuple[asyncio.AbstractEventLoop, dict[EndpointConfig, EndpointClient], dict[int, Any]]] = {}
+#: id(loop) → [loop, {config: client}, (config, client) last asked for]
+_CLIENTS: dict[int, list[Any]] = {}
 
 
 def get_client(config: EndpointConfig) -> EndpointClient:
     """The live client for ``config`` on the running event loop (made on first use).
 
-    Called once per row: a map passes the same config object to every row, so the client is found by the
-    object's identity first; hashing a config (it serialises ``params``) costs more than the rest of this.
+    Called once per row: a map passes the same config object to every row, so the last one asked for is checked
+    by identity first; hashing a config (it serialises ``params``) costs more than the rest of this.
     """
     loop = asyncio.get_running_loop()
     entry = _CLIENTS.get(id(loop))
@@ -627,15 +628,15 @@ def get_client(config: EndpointConfig) -> EndpointClient:
         for loop_id, (old_loop, *_) in list(_CLIENTS.items()):
             if old_loop.is_closed() or not old_loop.is_running():
                 del _CLIENTS[loop_id]
-        entry = _CLIENTS[id(loop)] = (loop, {}, {})
-    _, clients, by_identity = entry
-    known = by_identity.get(id(config))
-    if known is not None and known[0] is config:
-        return known[1]
+        entry = _CLIENTS[id(loop)] = [loop, {}, (None, None)]
+    last_config, last_client = entry[2]
+    if last_config is config:
+        return last_client
+    clients = entry[1]
     client = clients.get(config)
     if client is None:
         client = clients[config] = EndpointClient(config)
-    by_identity[id(config)] = (config, client)  # holds the config, so its id is not reused while it is here
+    entry[2] = (config, client)
     return client
 
 

@@ -1,9 +1,11 @@
-"""Request cache behaviour that needs no server: concurrent creation across processes."""
+"""Request cache behaviour that needs no server: concurrent creation across processes, stable keys."""
 
 import multiprocessing
 import sqlite3
 
-from synthq_hf.cache import RequestCache, request_key
+import orjson
+
+from synthq_hf.cache import RequestCache, body_key, request_key
 
 
 def _open_and_write(job: tuple[str, int]) -> str:
@@ -25,3 +27,11 @@ def test_many_processes_create_one_fresh_cache_at_once(tmp_path):
             results += pool.map(_open_and_write, [(str(tmp_path / f"cache-{attempt}.sqlite"), i) for i in range(4)])
     assert results == ["ok"] * len(results)
     assert len(RequestCache(tmp_path / "cache-0.sqlite")) == 4
+
+
+def test_request_keys_are_stable_across_versions():
+    """Cache files outlive upgrades: the key of a request must not change (blake2b-20 of route NUL sorted JSON)."""
+    payload = {"seed": 1, "model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert request_key("/v1/chat/completions", payload).hex() == "201ca0f0e76ef15c8abe0006ef67dc16331d5380"
+    body = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+    assert body_key("/v1/chat/completions", body) == request_key("/v1/chat/completions", payload)
