@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         OutputError,
         HubPushError,
         FileNotFoundError,
+        FileExistsError,
         ValueError,
     ) as err:
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)

@@ -23,6 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,6 +131,20 @@ class LocalServer:
 
 _SERVER: LocalServer | None = None
 _LOCK = threading.Lock()
+#: The thread that spawns the server. PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not
+#: the process: a server started from a short-lived thread (``asyncio.to_thread`` inside one ``datasets.map``
+#: loop) was killed when that loop's executor went away, in the middle of the next stage. A single-worker pool's
+#: thread lives until interpreter exit.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthq-local-server")
+
+
+def _start() -> str:
+    global _SERVER
+    if _SERVER is None:
+        _SERVER = LocalServer().start()
+        atexit.register(_SERVER.stop)
+        os.environ[_ENV_URL] = _SERVER.url
+    return _SERVER.url
 
 
 def ensure_local_server() -> str:
@@ -138,16 +153,11 @@ def ensure_local_server() -> str:
     The URL is exported in ``SYNTHQ_LOCAL_URL`` so worker processes (``num_proc``) started afterwards reuse
     this server instead of each starting one of their own.
     """
-    global _SERVER
     url = os.environ.get(_ENV_URL)
     if url:
         return url
     with _LOCK:
-        if _SERVER is None:
-            _SERVER = LocalServer().start()
-            atexit.register(_SERVER.stop)
-            os.environ[_ENV_URL] = _SERVER.url
-        return _SERVER.url
+        return _SPAWNER.submit(_start).result()
 
 
 def serve_forever() -> None:

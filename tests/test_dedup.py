@@ -251,3 +251,12 @@ def test_decontaminate_with_a_shorter_ngram_and_an_unknown_eval_column() -> None
     assert col(rejected, "n") == [1]
     with pytest.raises(ColumnError, match=r"none of the columns.*\['answer'\]"):
         decontaminate(ds, [Dataset.from_dict({"answer": ["42"]})])
+
+
+def test_one_or_no_row_left_for_near_dedup_is_fine() -> None:
+    """Exact duplicates of one short text leave nothing to band: no crash, one kept."""
+    ds = Dataset.from_dict({"id": ["a", "b", "c"], "prompt": ["ok", "OK", "ok!"], "total_score": [1, 2, 3]})
+    kept, rejected = dedup(ds)
+    assert kept["id"] == ["c"] and sorted(rejected["duplicate_of"]) == ["c", "c"]
+    kept, rejected = dedup(Dataset.from_dict({"id": ["a"], "prompt": ["a single long enough prompt text"]}))
+    assert kept.num_rows == 1 and rejected.num_rows == 0

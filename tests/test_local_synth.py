@@ -40,7 +40,7 @@ def test_seeds_to_demonstrations_to_new_instructions(local_endpoint: EndpointCon
 
     corpus = read_jsonl("corpus.jsonl", 4)
     with_docs = keyed.add_column("document", [doc["text"] for doc in corpus[:2]])
-    limits = {"max_document_tokens": 256}
+    limits = {"max_document_tokens": 200}  # prompt evaluation is slow on 2 CPU cores: keep prompts short
     demos = with_docs.map(stages.ground, fn_kwargs={"endpoint": local_endpoint, **limits})
     for row in demos:
         assert row["ground_error"] is None, row["ground_error"]
@@ -59,7 +59,7 @@ def test_seeds_to_demonstrations_to_new_instructions(local_endpoint: EndpointCon
             "demonstrations": demos,
             "document_column": "text",
             "k": 2,
-            "token_budget": 2500,
+            "token_budget": 1200,
             **limits,
         },
     )
@@ -68,3 +68,23 @@ def test_seeds_to_demonstrations_to_new_instructions(local_endpoint: EndpointCon
         assert row["prompt"].strip() and row["thought"] is not None and row["scene"] is not None
         assert set(row["demonstration_ids"]) <= set(seeds["id"])
     assert any(row["demonstration_ids"] for row in new)
+
+
+def test_the_embedded_server_outlives_the_thread_that_started_it(tmp_path) -> None:
+    """datasets.map starts url="local" from a short-lived thread; the server must survive that thread's exit."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import threading, time, urllib.request\n"
+        "from synthq_hf.local_server import ensure_local_server\n"
+        "box = []\n"
+        "t = threading.Thread(target=lambda: box.append(ensure_local_server()))\n"
+        "t.start(); t.join(); time.sleep(3)\n"
+        "print(urllib.request.urlopen(box[0] + '/v1/models', timeout=10).status)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SYNTHQ_LOCAL_URL"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "200"

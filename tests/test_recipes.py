@@ -206,3 +206,41 @@ def test_an_iterable_corpus_is_consumed_lazily(make_stub, tmp_path) -> None:
     assert len(pulled) < 100  # read as far as the limit (plus a small look-ahead), never materialised
     rows_out = load_dataset(str(out), "instructions")
     assert sum(split.num_rows for split in rows_out.values()) == 6
+
+
+def test_later_stages_plug_in_as_one_line_each(make_stub, tmp_path) -> None:
+    """moderate (its own guard endpoint) and dedup (a global stage) join with one recipe line each."""
+    stub = stub_for_run(make_stub)  # every generated prompt is the same schema-minimal text: all duplicates
+    guard = make_stub("openai")
+    guard.queue("safe", "safe", "safe", "unsafe\nS10", "unsafe\nS1,S10")
+    data = recipe_data(stub.url, tmp_path)
+    data["endpoints"]["guard"] = {"url": guard.url, "backoff_s": 0.01}
+    data["instructions"]["moderate"] = {"policy": "drop"}
+    data["instructions"]["dedup"] = {}
+    out = run_recipe(build_recipe(data))
+    rows = load_dataset(str(out), "instructions")
+    assert rows["train"].num_rows == 1
+    rejected = rows["rejected"]
+    assert sorted(rejected["rejected_by"]) == ["dedup", "dedup", "moderate", "moderate"]
+    unsafe = [r for r in rejected if r["rejected_by"] == "moderate"]
+    assert all(r["reason"].startswith("unsafe: ") and "S10 Hate" in r["reason"] for r in unsafe)
+    dups = [r for r in rejected if r["rejected_by"] == "dedup"]
+    assert all(r["duplicate_of"] == rows["train"][0]["id"] for r in dups)
+    assert guard.count("/v1/chat/completions") == 5
+    report = json.loads((out / "run.json").read_text())
+    stages = {s["name"]: s for s in report["stages"]}
+    assert (stages["moderate"]["in"], stages["moderate"]["out"]) == (5, 3)
+    assert (stages["dedup"]["in"], stages["dedup"]["out"]) == (3, 1)
+
+
+def test_rows_rejected_by_the_filter_cost_no_moderation_request(make_stub, tmp_path) -> None:
+    stub = stub_for_run(make_stub)
+    guard = make_stub("openai")
+    data = recipe_data(stub.url, tmp_path)
+    data["endpoints"]["guard"] = {"url": guard.url, "backoff_s": 0.01}
+    data["instructions"]["filter"] = {"threshold": 8}  # nothing can reach 8 of 7: every row is rejected
+    data["instructions"]["moderate"] = {}
+    out = run_recipe(build_recipe(data))
+    assert guard.count("/v1/chat/completions") == 0
+    rows = load_dataset(str(out), "instructions")
+    assert set(rows) == {"rejected"} and set(rows["rejected"]["rejected_by"]) == {"score_instruction"}

@@ -189,6 +189,8 @@ def build_recipe(data: dict[str, Any]) -> Recipe:
         for stage, params in stages.items():
             if stage not in STEPS:
                 raise RecipeError(f"unknown stage {pipeline}.{stage}; stages: {', '.join(STEPS)}")
+            if pipeline == "demonstrations" and STEPS[stage].kind == "global":
+                raise RecipeError(f"{stage} works on the whole instructions set; put it under instructions")
             if params is False:
                 continue  # switched off: `--set instructions.moderate=false`
             params = {} if params is None else params

@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, Features, IterableDataset
+from datasets import Dataset, Features, IterableDataset, Value
 
 from synthq_hf import output, prompts
 from synthq_hf.endpoint import USAGE, EndpointConfig, get_client
 from synthq_hf.inputs import open_dataset, resolve_source
 from synthq_hf.recipes.recipe import Recipe, RecipeError
+from synthq_hf.stages.reject import FEATURES as REJECT_FEATURES
+from synthq_hf.stages.reject import mark_rejected, split_rejected
 
 log = logging.getLogger(__name__)
 MARKER = ".synthq-recipe.json"
@@ -51,11 +53,24 @@ class Step:
     load: Callable[[], Callable]
     role: str | None = None  # endpoint role it calls; ``endpoint: <role>`` in its parameters picks another
     fixed: tuple[str, ...] = ()  # arguments the runner supplies
+    post: Callable[[], Callable] | None = None  # a marking function mapped right after (takes its own parameters)
+
+    def functions(self) -> list[Callable]:
+        return [self.load()] + ([self.post()] if self.post else [])
+
+    def split(self, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The recipe line's parameters for the stage and for its ``post`` function."""
+        post_names = set(list(inspect.signature(self.post()).parameters)[1:]) if self.post else set()
+        return (
+            {k: v for k, v in params.items() if k not in post_names and k != "endpoint"},
+            {k: v for k, v in params.items() if k in post_names},
+        )
 
     def check(self, params: dict[str, Any], where: str, recipe: Recipe) -> None:
         allowed = [
             name
-            for name in list(inspect.signature(self.load()).parameters)[1:]
+            for fn in self.functions()
+            for name in list(inspect.signature(fn).parameters)[1:]
             if name not in self.fixed and name != "endpoint"
         ]
         if self.role:
@@ -78,7 +93,26 @@ STEPS: dict[str, Step] = {
     ),
     "score_instruction": Step("row", _stage("score_instruction", "score_instruction"), "judge"),
     "filter": Step("mark", _stage("reject", "mark_rejected")),
+    "moderate": Step("row", _stage("moderate", "moderate"), "guard", post=_stage("moderate", "mark_unsafe")),
+    "dedup": Step("global", _stage("dedup", "dedup")),
+    "decontaminate": Step("global", _stage("decontaminate", "decontaminate")),
 }
+#: Columns global stages add to the rows they reject or keep: part of the config's one schema from the start.
+GLOBAL_FEATURES = {
+    "dedup": Features({"duplicate_of": Value("string")}),
+    "balance_topics": Features({"topic": Value("int64"), "topic_label": Value("string")}),
+}
+
+
+async def skip_rejected(row: dict[str, Any], _stage_fn: Callable, **kwargs: Any) -> dict[str, Any]:
+    """Run ``_stage_fn`` unless an earlier step already rejected the row: no requests for rows that are out.
+
+    A skipped row gets the stage's columns empty (and no ``<stage>_error``): its reason is the earlier one.
+    """
+    if row.get("rejected_by"):
+        return {name: None for name in sys.modules[_stage_fn.__module__].FEATURES}
+    result = _stage_fn(row, **kwargs)
+    return await result if inspect.isawaitable(result) else result
 
 
 def _endpoint(recipe: Recipe, step: Step, params: dict[str, Any]) -> EndpointConfig:
@@ -105,16 +139,27 @@ def _apply_row_steps(
         if step.kind == "global":
             continue
         fn = step.load()
-        kwargs = {k: v for k, v in params.items() if k != "endpoint"}
+        kwargs, post_kwargs = step.split(params)
         if step.role:
             kwargs["endpoint"] = _endpoint(recipe, step, params)
         kwargs.update({key: extra[key] for key in step.fixed if key in extra})
-        features = Features({**features, **_features(fn.__module__)})
-        map_kwargs: dict[str, Any] = {"fn_kwargs": kwargs, "features": features}
-        if isinstance(ds, Dataset):
-            map_kwargs.update(desc=name, load_from_cache_file=False)
-        ds = ds.map(fn, **map_kwargs)
+        if "rejected_by" in features and step.kind == "row":  # after the filter: rejected rows cost nothing
+            kwargs["_stage_fn"], fn = fn, skip_rejected
+            features = Features({**features, **_features(kwargs["_stage_fn"].__module__)})
+        else:
+            features = Features({**features, **_features(fn.__module__)})
+        ds = _map(ds, fn, kwargs, features, name)
+        if step.post:
+            features = Features({**features, **REJECT_FEATURES})  # post functions are marking functions
+            ds = _map(ds, step.post(), post_kwargs, features, f"{name} marks")
     return ds, features
+
+
+def _map(ds: Dataset | IterableDataset, fn: Callable, kwargs: dict, features: Features, desc: str):
+    map_kwargs: dict[str, Any] = {"fn_kwargs": kwargs, "features": features}
+    if isinstance(ds, Dataset):
+        map_kwargs.update(desc=desc, load_from_cache_file=False)
+    return ds.map(fn, **map_kwargs)
 
 
 def _summary(reason: str | None) -> str:
@@ -233,9 +278,6 @@ def _demonstrations(recipe: Recipe, out: Path) -> tuple[Dataset, dict[str, str],
         else:
             extra["index"] = _index_for(recipe)
     mapped, features = _apply_row_steps(seeds, recipe.demonstrations, recipe, seeds.features, extra)
-    from synthq_hf.stages.reject import FEATURES as REJECT_FEATURES
-    from synthq_hf.stages.reject import mark_rejected, split_rejected
-
     marked = mapped.map(
         mark_rejected,
         fn_kwargs={"threshold": None},
@@ -255,10 +297,41 @@ def _demonstrations(recipe: Recipe, out: Path) -> tuple[Dataset, dict[str, str],
     return kept, splits, tally.table(), {k: dict(v) for k, v in tally.reasons.items()}
 
 
-def _progress(total: int | None):
-    from tqdm.auto import tqdm
+class _Progress:
+    """Rows/s, tokens/s, errors and ETA while rows stream: a tqdm bar on a terminal, a plain line every
+    ``every_s`` seconds otherwise (logs and CI keep a readable record)."""
 
-    return tqdm(total=total, desc="instructions", unit="row", disable=None, mininterval=1.0)
+    def __init__(self, total: int | None, every_s: float = 15.0):
+        from tqdm.auto import tqdm
+
+        self.total, self.every_s = total, every_s
+        self.started = self.last = time.monotonic()
+        self.rows = 0
+        self.bar = tqdm(total=total, desc="instructions", unit="row", mininterval=1.0) if sys.stderr.isatty() else None
+
+    def update(self, kept: int, rejected: int, errors: int) -> None:
+        self.rows += 1
+        tokens = sum(u.prompt_tokens + u.completion_tokens for u in USAGE.values())
+        now = time.monotonic()
+        if self.bar is not None:
+            self.bar.update(1)
+            rate = tokens / max(now - self.started, 1e-9)
+            self.bar.set_postfix(kept=kept, rejected=rejected, errors=errors, tok_s=f"{rate:.0f}", refresh=False)
+        elif now - self.last >= self.every_s or self.rows == self.total:
+            self.last = now
+            elapsed = max(now - self.started, 1e-9)
+            eta = f", ETA {(self.total - self.rows) * elapsed / self.rows:.0f}s" if self.total else ""
+            print(
+                f"instructions: {self.rows}{f'/{self.total}' if self.total else ''} rows "
+                f"({kept} kept, {rejected} rejected, {errors} errors), {self.rows / elapsed:.2f} rows/s, "
+                f"{tokens / elapsed:.0f} tokens/s{eta}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _instructions(
@@ -282,22 +355,24 @@ def _instructions(
         corpus = corpus.rename_column(spec.text_column, "document")
     row_steps = {k: v for k, v in recipe.instructions.items() if STEPS[k].kind != "global"}
     mapped, features = _apply_row_steps(corpus, row_steps, recipe, corpus.features, {"demonstrations": demonstrations})
-    from synthq_hf.stages.reject import FEATURES as REJECT_FEATURES
-    from synthq_hf.stages.reject import mark_rejected
-
     filtering = "filter" in recipe.instructions
     features = Features({**features, **REJECT_FEATURES})
     if "filter" not in recipe.instructions:
         mapped = mapped.map(mark_rejected, fn_kwargs={"threshold": None}, features=features)
-    # Every split of a config must share one schema (datasets refuses to load it otherwise), so train carries
-    # the empty rejected_by/reason columns too.
-    train = output.ShardWriter(out, "instructions", "train", features, shard_rows=recipe.output.shard_rows)
-    rejected = output.ShardWriter(out, "instructions", "rejected", features, shard_rows=recipe.output.shard_rows)
+    # Every split of a config must share one schema (datasets refuses to load it otherwise): train carries the
+    # empty rejected_by/reason columns, and both carry the columns global stages add, from the start.
+    global_steps = {k: v for k, v in recipe.instructions.items() if STEPS[k].kind == "global"}
+    for name in global_steps:
+        features = Features({**features, **GLOBAL_FEATURES.get(name, {})})
+    shard_rows = recipe.output.shard_rows
+    streamed_to = out / ".work" if global_steps else out  # global stages rewrite train from this first pass
+    train = output.ShardWriter(streamed_to, "instructions", "train", features, shard_rows=shard_rows)
+    rejected = output.ShardWriter(out, "instructions", "rejected", features, shard_rows=shard_rows)
     stages_seen = [s for s in row_steps if s != "filter"]
     if filtering and "score_instruction" not in stages_seen:
         stages_seen.append("score_instruction")  # the filter's rejections are the score's
     tally = _Tally(stages_seen)
-    bar = _progress(limit if limit else None)
+    progress = _Progress(limit)
     errors = 0
     for row in mapped if isinstance(mapped, IterableDataset) else mapped.to_iterable_dataset():
         tally.add(row)
@@ -306,12 +381,36 @@ def _instructions(
             errors += any(row.get(f"{s}_error") for s in stages_seen)
         else:
             train.add(row)
-        bar.update(1)
-        tokens = sum(u.prompt_tokens + u.completion_tokens for u in USAGE.values())
-        bar.set_postfix(kept=train.rows, rejected=rejected.rows, errors=errors, tokens=tokens, refresh=False)
-    bar.close()
-    splits = {"train": train.close(), "rejected": rejected.close()}
-    return splits, tally.table(), {k: dict(v) for k, v in tally.reasons.items()}
+        progress.update(train.rows, rejected.rows, errors)
+    progress.close()
+    train_glob = train.close()
+    table, reasons = tally.table(), {k: dict(v) for k, v in tally.reasons.items()}
+    if global_steps:
+        kept = Dataset.from_parquet(sorted(str(p) for p in streamed_to.glob(train_glob))) if train_glob else None
+        for name, params in global_steps.items():
+            before = kept.num_rows if kept is not None else 0
+            dropped = 0
+            if kept is not None and before:
+                kept, dropped_rows = STEPS[name].load()(kept, **params)
+                dropped = dropped_rows.num_rows
+                marks = Counter(_summary(r) for r in dropped_rows["reason"])
+                reasons[name] = dict(marks)
+                rejected.add_dataset(_conform(dropped_rows, features))
+            table.append({"name": name, "in": before, "out": before - dropped, "rejected": dropped, "errors": 0})
+        final = output.ShardWriter(out, "instructions", "train", features, shard_rows=shard_rows)
+        if kept is not None:
+            final.add_dataset(_conform(kept, features))
+        train_glob = final.close()
+        shutil.rmtree(streamed_to, ignore_errors=True)
+    return {"train": train_glob, "rejected": rejected.close()}, table, reasons
+
+
+def _conform(ds: Dataset, features: Features) -> Dataset:
+    """``ds`` with the config's columns: missing ones added empty, then cast to the one schema."""
+    for name, feature in features.items():
+        if name not in ds.column_names:
+            ds = ds.add_column(name, [None] * ds.num_rows, feature=feature)
+    return ds.select_columns(list(features)).cast(features)
 
 
 def run_recipe(

@@ -7,11 +7,15 @@ from collections.abc import Callable
 
 from datasets import Features
 
+from synthq_hf.stages.decontaminate import decontaminate
+from synthq_hf.stages.dedup import dedup
 from synthq_hf.stages.extract_keywords import extract_keywords
 from synthq_hf.stages.generate_instruction import generate_instruction
 from synthq_hf.stages.ground import ground
+from synthq_hf.stages.moderate import mark_unsafe, moderate
 from synthq_hf.stages.reject import mark_rejected, split_rejected
 from synthq_hf.stages.score_instruction import score_instruction
+from synthq_hf.stages.search_documents import search_documents
 
 
 def output_features(input_features: Features | None, *stages: Callable) -> Features | None:
@@ -30,11 +34,16 @@ def output_features(input_features: Features | None, *stages: Callable) -> Featu
 
 
 __all__ = [
+    "decontaminate",
+    "dedup",
     "extract_keywords",
     "generate_instruction",
     "ground",
     "mark_rejected",
+    "mark_unsafe",
+    "moderate",
     "output_features",
     "score_instruction",
+    "search_documents",
     "split_rejected",
 ]

@@ -45,7 +45,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, Features, List, Value
-from datasketch import MinHash, MinHashLSH
 
 from synthq_hf.stages._common import ColumnError, row_id
 
@@ -232,6 +231,8 @@ def _near_keepers(
     threshold: float,
 ) -> tuple[dict[int, tuple[int, float]], int]:
     """Greedy clustering of ``rows`` (dataset indices): {rejected row: (kept row, estimated Jaccard)}, candidates."""
+    if len(rows) < 2:  # nothing to pair (e.g. exact dedup left one row with shingles)
+        return {}, 0
     buckets = _buckets(band_hashes)
     candidate = np.zeros(len(rows), dtype=bool)
     for group_of, _, _ in buckets:
@@ -289,6 +290,8 @@ def dedup(
     _check_text_column(ds, column, STAGE)
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"{STAGE}: threshold must be in (0, 1], got {threshold}")
+    from datasketch import MinHash, MinHashLSH  # imported here: it pulls in scipy (seconds), needed only to run
+
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
     permutations = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
     n_bands, n_rows = lsh.b, lsh.r
