@@ -6,7 +6,7 @@ is missing (or empty) drops its section; nothing is filled in with a guess.
 
 Report keys read (all optional; the runner writes the same dict to ``run.json``):
 
-- ``recipe``: ``{"name": str, "output": {"license": str}, "stages": {"filter": {"threshold": int}}}``; the license
+- ``recipe``: ``{"name": str, "output": {"license": str}, "instructions": {"filter": {"threshold": int}}}``; the license
   defaults to ``"other"``, the score threshold to 3 (the paper's; the card says when it is a default).
 - ``pretty_name``: str, else ``"synthq-hf: <recipe name>"``, else a generic name.
 - ``repo_id``: str, the Hub repo the folder is pushed to; the load snippet names it, else the local folder.
@@ -206,7 +206,7 @@ def _dialect(endpoint: Any) -> str | None:
 
 def _threshold(report: Mapping[str, Any]) -> tuple[int, bool]:
     """(score threshold, whether the recipe recorded it)."""
-    stages = (report.get("recipe") or {}).get("stages") or {}
+    stages = (report.get("recipe") or {}).get("instructions") or {}
     value = (stages.get("filter") or {}).get("threshold")
     return (DEFAULT_THRESHOLD, False) if value is None else (int(value), True)
 

@@ -134,7 +134,7 @@ def full_report() -> dict[str, Any]:
         "recipe": {
             "name": "synthquestions",
             "output": {"license": "apache-2.0"},
-            "stages": {"filter": {"threshold": 3}},
+            "instructions": {"filter": {"threshold": 3}},
         },
         "models": {"generator": "SmolLM2-135M-Instruct-Q4_1.gguf", "judge": "Qwen/Qwen2.5-72B-Instruct"},
         "endpoints": {"generator": {"dialect": "llama-cpp-python"}, "judge": {"dialect": "tgi"}},

@@ -139,7 +139,11 @@ def test_a_run_writes_loadable_configs_and_loses_no_row(make_stub, tmp_path) -> 
     ]
     score = report["stages"][-1]
     assert score["in"] == 5 and score["out"] == instructions["train"].num_rows
-    assert report["models"]["generator"] == {"dialect": "openai", "model": "stub-model"}
+    assert report["models"] == {"generator": "stub-model"}
+    assert report["endpoints"] == {"generator": {"dialect": "openai"}}
+    card = (out / "README.md").read_text()
+    assert "| generator | stub-model | openai |" in card
+    assert "threshold, 3" in card and "(the paper's value" not in card  # the recipe's threshold, recorded
     assert report["usage"]["generate_instruction"]["requests"] == 5
 
 

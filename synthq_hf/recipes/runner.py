@@ -248,19 +248,23 @@ def _index_for(recipe: Recipe) -> str:
 
 
 def _describe_endpoints(recipe: Recipe) -> dict[str, dict[str, Any]]:
-    """Role → the server's dialect and model as it reported them (for the card; no URLs, no keys)."""
+    """``models`` (role → model as the server reported it) and ``endpoints`` (role → dialect) for the card:
+    no URLs (they can name private hosts), no keys."""
 
     async def info(cfg: EndpointConfig) -> dict[str, Any]:
         found = await get_client(cfg).info()
         return {"dialect": found.dialect, "model": found.model}
 
-    described = {}
+    models, endpoints = {}, {}
     for role, cfg in recipe.endpoints.items():
         try:
-            described[role] = asyncio.run(info(cfg))
+            found = asyncio.run(info(cfg))
         except Exception as err:  # the card says the server could not be asked; the run itself succeeded
-            described[role] = {"error": str(err).splitlines()[0][:200]}
-    return described
+            endpoints[role] = {"error": str(err).splitlines()[0][:200]}
+            continue
+        models[role] = found["model"]
+        endpoints[role] = {"dialect": found["dialect"]}
+    return {"models": models, "endpoints": endpoints}
 
 
 def _demonstrations(recipe: Recipe, out: Path) -> tuple[Dataset, dict[str, str], list[dict[str, Any]], dict]:
@@ -373,15 +377,17 @@ def _instructions(
         stages_seen.append("score_instruction")  # the filter's rejections are the score's
     tally = _Tally(stages_seen)
     progress = _Progress(limit)
-    errors = 0
+    kept_rows = rejected_rows = errors = 0
     for row in mapped if isinstance(mapped, IterableDataset) else mapped.to_iterable_dataset():
         tally.add(row)
         if row.get("rejected_by"):
             rejected.add(row)
+            rejected_rows += 1
             errors += any(row.get(f"{s}_error") for s in stages_seen)
         else:
             train.add(row)
-        progress.update(train.rows, rejected.rows, errors)
+            kept_rows += 1
+        progress.update(kept_rows, rejected_rows, errors)
     progress.close()
     train_glob = train.close()
     table, reasons = tally.table(), {k: dict(v) for k, v in tally.reasons.items()}
@@ -447,7 +453,8 @@ def run_recipe(
             config: {split: _count(out, pattern) for split, pattern in splits.items()}
             for config, splits in configs.items()
         },
-        "models": _describe_endpoints(recipe),
+        **_describe_endpoints(recipe),
+        "pretty_name": recipe.output.pretty_name,
         "prompt_hashes": {
             s: prompts.prompt_hash(s) for s in stages_used if (prompts.PROMPT_DIR / f"{s}.user.j2").exists()
         },
