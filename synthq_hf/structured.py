@@ -66,8 +66,26 @@ def _response_format(model: type[BaseModel], dialect: str) -> dict:
     if dialect == "tgi":
         return {"type": "json", "value": schema}
     if dialect == "llamacpp":
-        return {"type": "json_object", "schema": schema}
+        return {"type": "json_object", "schema": _cap_lengths(schema, LLAMACPP_MAX_LENGTH)}
     return {"type": "json_schema", "json_schema": {"name": model.__name__, "schema": schema, "strict": True}}
+
+
+#: llama.cpp's grammar parser refuses a string rule repeated more than ~1,000 times (MAX_REPETITION_THRESHOLD is
+#: 2,000 over the rules being repeated); measured with the bundled model: maxLength 1000 compiles, 1001 fails,
+#: and llama-cpp-python's server does not answer an error but dies (segfault) on the next sampled token.
+LLAMACPP_MAX_LENGTH = 1000
+
+
+def _cap_lengths(schema: Any, cap: int) -> Any:
+    """``schema`` with every ``maxLength`` above ``cap`` lowered to ``cap`` (validation keeps the model's own)."""
+    if isinstance(schema, dict):
+        capped = {key: _cap_lengths(value, cap) for key, value in schema.items()}
+        if isinstance(capped.get("maxLength"), int) and capped["maxLength"] > cap:
+            capped["maxLength"] = cap
+        return capped
+    if isinstance(schema, list):
+        return [_cap_lengths(item, cap) for item in schema]
+    return schema
 
 
 @cache

@@ -88,3 +88,60 @@ def test_the_embedded_server_outlives_the_thread_that_started_it(tmp_path) -> No
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "200"
+
+
+def test_a_long_string_field_does_not_crash_the_llama_cpp_server(local_endpoint: EndpointConfig) -> None:
+    """maxLength > 1000 made llama.cpp's grammar parser fail and llama-cpp-python's server segfault."""
+    from pydantic import BaseModel, Field
+
+    from synthq_hf.endpoint import get_client
+    from synthq_hf.structured import StageFailure, generate
+
+    class Essay(BaseModel):
+        text: str = Field(max_length=5000)
+
+    async def go() -> str:
+        try:
+            await generate(
+                local_endpoint,
+                [{"role": "user", "content": "Write one sentence about rain."}],
+                Essay,
+                stage="test_long_field",
+                row_id="r1",
+                max_tokens=60,
+                attempts=1,
+            )
+        except StageFailure:  # cut off at max_tokens is fine: the question is whether the server survives
+            pass
+        reply = await get_client(local_endpoint).chat(
+            [{"role": "user", "content": "Say hi."}], stage="test_long_field", row_id="r2", max_tokens=5
+        )
+        return reply.text
+
+    assert isinstance(asyncio.run(go()), str)
+
+
+def test_synthq_run_demo_end_to_end(local_endpoint: EndpointConfig, tmp_path, monkeypatch, capsys) -> None:
+    """The README's main job with a tiny limit, on the real embedded server, then opened with load_dataset."""
+    from datasets import load_dataset
+
+    from synthq_hf.cli import main
+
+    monkeypatch.setenv("SYNTHQ_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    code = main(["run", "demo", "--limit", "2", "--set", "seeds.limit=2", "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert f'load_dataset("{out.resolve()}", "instructions")' in printed
+    instructions = load_dataset(str(out), "instructions")
+    assert sum(split.num_rows for split in instructions.values()) == 2  # every streamed row is kept or rejected
+    for split in instructions.values():
+        assert {"prompt", "scene", "total_score", "rejected_by", "reason"} <= set(split.column_names)
+    demos = load_dataset(str(out), "demonstrations")
+    assert sum(split.num_rows for split in demos.values()) == 2
+    card = (out / "README.md").read_text()
+    assert "| generator | smollm2-135m-instruct-q4_1 | llamacpp |" in card
+    report = json.loads((out / "run.json").read_text())
+    assert (
+        report["usage"]["generate_instruction"]["requests"] + report["usage"]["generate_instruction"]["cache_hits"] >= 2
+    )
