@@ -52,7 +52,12 @@ def test_killed_run_resumes_without_resending_answers(tmp_path: Path) -> None:
         assert proc.poll() is None, "the run finished before it could be killed; raise ROWS"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        sent_before = stub.count("/v1/chat/completions")
+        # Requests the killed client had already written may still sit in the socket buffers: let the stub read
+        # them before counting, or they would be counted as re-sent by the second run.
+        sent_before = -1
+        while sent_before != stub.count("/v1/chat/completions"):
+            sent_before = stub.count("/v1/chat/completions")
+            time.sleep(0.3)
         durable = durable_answers(cache)  # what survived the kill
         assert 0 < durable < ROWS
 

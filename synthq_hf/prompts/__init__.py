@@ -12,6 +12,7 @@ from functools import cache
 from pathlib import Path
 
 import jinja2
+import jinja2.meta
 
 PROMPT_DIR = Path(__file__).parent
 _ENV = jinja2.Environment(
@@ -37,12 +38,27 @@ def _templates(stage: str) -> tuple[jinja2.Template | None, jinja2.Template]:
     return (_load(system) if (PROMPT_DIR / system).exists() else None), _load(f"{stage}.user.j2")
 
 
+@cache
+def _constant(stage: str) -> str | None:
+    """The stage's system message when its template takes no variables: rendered once, not once per row."""
+    system, _ = _templates(stage)
+    if system is None:
+        return None
+    source = _ENV.loader.get_source(_ENV, f"{stage}.system.j2")[0]
+    if jinja2.meta.find_undeclared_variables(_ENV.parse(source)):
+        return None
+    return system.render().strip()
+
+
 def render(stage: str, **variables: object) -> list[dict[str, str]]:
     """Chat messages for ``stage``: a system message (if the stage has one) and the user message."""
     system, user = _templates(stage)
     messages = []
     if system is not None:
-        messages.append({"role": "system", "content": system.render(**variables).strip()})
+        content = _constant(stage)
+        if content is None:
+            content = system.render(**variables).strip()
+        messages.append({"role": "system", "content": content})
     messages.append({"role": "user", "content": user.render(**variables).strip()})
     return messages
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets.config
 from datasets import Dataset, Features, IterableDataset, Value
 
 from synthq_hf import output, prompts
@@ -436,10 +437,18 @@ def run_recipe(
     """
     out = Path(out_dir or recipe.output.dir)
     _prepare(out, recipe, overwrite)
+    # datasets keeps up to this many rows in flight per async map and, per finished row, waits on all of them
+    # (O(in flight) each): twice the widest endpoint's concurrency keeps servers busy at a fraction of the cost.
+    widest = max((cfg.max_concurrency or 128 for cfg in recipe.endpoints.values()), default=128)
+    previous = datasets.config.MAX_NUM_RUNNING_ASYNC_MAP_FUNCTIONS_IN_PARALLEL
+    datasets.config.MAX_NUM_RUNNING_ASYNC_MAP_FUNCTIONS_IN_PARALLEL = max(16, 2 * widest)
     started = time.monotonic()
     USAGE.clear()
-    demonstrations, demo_splits, demo_table, demo_reasons = _demonstrations(recipe, out)
-    instruction_splits, table, reasons = _instructions(recipe, out, demonstrations, limit, corpus)
+    try:
+        demonstrations, demo_splits, demo_table, demo_reasons = _demonstrations(recipe, out)
+        instruction_splits, table, reasons = _instructions(recipe, out, demonstrations, limit, corpus)
+    finally:
+        datasets.config.MAX_NUM_RUNNING_ASYNC_MAP_FUNCTIONS_IN_PARALLEL = previous
     configs = {"instructions": instruction_splits, "demonstrations": demo_splits}
     stages_used = [*recipe.demonstrations, *recipe.instructions]
     report = {
