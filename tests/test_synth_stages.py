@@ -283,3 +283,46 @@ def test_mark_rejected_routes_failures_and_low_scores_and_loses_nothing() -> Non
     again, _ = stages.split_rejected(marked.map(stages.mark_rejected, fn_kwargs={"threshold": 6}))
     assert again["prompt"] == []  # a second mark keeps earlier reasons and adds its own
     assert kept.num_rows + rejected.num_rows == ds.num_rows
+
+
+@pytest.mark.parametrize(
+    ("replies", "expected"),
+    [
+        ([f"Here you go:\n{GROUNDING}\nAnything else?"], None),
+        ([json.dumps({"scene": "s"})] * 3, "query_compositions"),
+        ([json.dumps({"scene": "s", "query_compositions": {"ability": "a"}})] * 3, "knowledge"),
+        (["{not json"] * 3, "not valid JSON"),
+        ([""] * 3, "empty reply"),
+    ],
+    ids=["prose-around-json", "missing-compositions", "missing-composition-keys", "malformed", "empty"],
+)
+def test_ground_fixture_replies(stub, make_config, replies, expected) -> None:
+    stub.queue(*replies)
+    out = Dataset.from_dict({"prompt": ["why KeyError?"], "document": ["dict.get returns a default"]}).map(
+        stages.ground, fn_kwargs={"endpoint": make_config(stub.url)}
+    )
+    if expected is None:
+        assert out[0]["ground_error"] is None and out[0]["query_compositions"] == COMPOSITIONS
+    else:
+        assert out[0]["scene"] is None and expected in out[0]["ground_error"]
+
+
+@pytest.mark.parametrize(
+    ("replies", "expected"),
+    [
+        ([f"```json\n{GENERATED}\n```"], None),
+        ([json.dumps({"thought": "t", "scene": "s", "query_compositions": COMPOSITIONS})] * 3, "prompt"),
+        ([json.dumps({**json.loads(GENERATED), "prompt": "   "})] * 3, "prompt"),
+        (["garbage"] * 3, "not valid JSON"),
+    ],
+    ids=["fenced", "missing-prompt", "blank-prompt", "malformed"],
+)
+def test_generate_instruction_fixture_replies(stub, make_config, replies, expected) -> None:
+    stub.queue(*replies)
+    out = Dataset.from_dict({"document": ["Proofing dough takes one to three hours."]}).map(
+        stages.generate_instruction, fn_kwargs={"endpoint": make_config(stub.url), "demonstrations": demos(2)}
+    )
+    if expected is None:
+        assert out[0]["generate_instruction_error"] is None and out[0]["prompt"] == "How long should I proof?"
+    else:
+        assert out[0]["prompt"] is None and expected in out[0]["generate_instruction_error"]
