@@ -323,6 +323,11 @@ async def detect_server(session: aiohttp.ClientSession, config: EndpointConfig, 
             dialect, model = "openai", str(models["data"][0].get("id"))
     if dialect is None:
         if unreachable and len(unreachable) == len(tried):
+            from synthq_hf.local_server import exit_note  # the embedded server may have died: say so
+
+            note = exit_note(base)
+            if note:
+                raise EndpointError(f"cannot reach {base}: {note}")
             raise EndpointError(f"cannot reach {base} ({unreachable[-1]}); tried {', '.join(tried)}")
         if refused and len(refused) == len(tried):
             raise EndpointError(

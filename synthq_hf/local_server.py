@@ -160,6 +160,17 @@ def ensure_local_server() -> str:
         return _SPAWNER.submit(_start).result()
 
 
+def exit_note(url: str) -> str | None:
+    """Why ``url`` stopped answering, when it is this process's embedded server and that server has exited."""
+    server = _SERVER
+    if server is None or server.url != url.rstrip("/") or server.process is None:
+        return None
+    code = server.process.poll()
+    if code is None:
+        return None
+    return f"the embedded llama.cpp server exited (code {code}): {server._tail()}"
+
+
 def serve_forever() -> None:
     """``synthq serve-local``: run the server in the foreground until Ctrl-C."""
     with LocalServer() as server:

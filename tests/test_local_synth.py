@@ -145,3 +145,27 @@ def test_synthq_run_demo_end_to_end(local_endpoint: EndpointConfig, tmp_path, mo
     assert (
         report["usage"]["generate_instruction"]["requests"] + report["usage"]["generate_instruction"]["cache_hits"] >= 2
     )
+
+
+def test_a_dead_embedded_server_is_named_as_such() -> None:
+    """If the embedded server dies mid-run, the error says so (with its last log line), not just 'cannot reach'."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio\n"
+        "import synthq_hf.local_server as ls\n"
+        "from synthq_hf.endpoint import EndpointConfig, EndpointError, get_client\n"
+        "ls.ensure_local_server()\n"
+        "ls._SERVER.process.kill(); ls._SERVER.process.wait()\n"
+        "async def info():\n"
+        "    return await get_client(EndpointConfig(url='local', max_retries=0)).info()\n"
+        "try:\n"
+        "    asyncio.run(info())\n"
+        "except EndpointError as err:\n"
+        "    print(err)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SYNTHQ_LOCAL_URL"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert "the embedded llama.cpp server exited (code -9)" in done.stdout, done.stdout + done.stderr[-2000:]
