@@ -18,6 +18,7 @@ from datasets import Dataset, IterableDataset
 
 from synthq_hf.search import (
     FetchError,
+    Hit,
     IndexMissing,
     SearchConfigError,
     WebSearch,
@@ -75,6 +76,13 @@ def test_build_then_query_returns_the_stored_document(index_dir: Path) -> None:
     assert index.search_sync('erupting volcano: (magma) "crust" +AND', k=1)[0].document_id == "geo-1"
     assert index.search_sync("zzzz qqqq", k=5) == []
     assert load_index(index_dir) is index, "an index is opened once per process and path"
+
+
+def test_hits_read_stored_fields_only_when_asked(index_dir: Path) -> None:
+    hits = load_index(index_dir).search_sync("chlorophyll sunlight", k=3)
+    assert all(hit._doc is None for hit in hits), "nothing is read from the store until a field is used"
+    assert hits[0].to_hit() == Hit("bio-1", DOCS[0]["body"], "https://example.org/bio-1", hits[0].score)
+    assert hits[0].title is None and hits[0].error is None
 
 
 def test_row_number_is_the_id_without_an_id_column(tmp_path: Path, corpus: Path) -> None:

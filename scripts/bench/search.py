@@ -19,6 +19,18 @@ Measured (2 cores shared with other work, load average 5-6): 1M docs, 1.28 GB JS
 CPU), 849 MB on disk, peak RSS 1.0 GB; search_many 495 queries/s wall, 1.94 ms CPU per query (≈1,030 queries/s
 on 2 idle cores); one thread 1.70 ms CPU per query; Dataset.map(search_documents) 457 rows/s. 100k docs with
 --compare-bm25s: tantivy 12 s / 1,615 q/s; bm25s 29 s / 200 q/s, +0.8 GB RSS.
+
+Search figures read the first hit's text per query, as the stage does (hits load stored fields lazily since the
+change that measured this; before, all 10 were read). 1M docs, load average 4.6-4.9 on the 2 cores: one thread
+340 q/s, 1.76 ms CPU/query; search_many 423 q/s wall, 1.81 ms CPU/query (≈1,106 q/s on 2 idle cores);
+Dataset.map 282 rows/s. Same run of 2,000 queries, alternating: eager 10-hit fetch 1.98-2.06 ms CPU/query, lazy
+1.72 ms (-15%). The rest is scoring: tantivy-py scores every matching document (no block-max WAND), ~15 ns per
+posting, and the most frequent query term holds ~2/3 of the postings. Tried and not kept, on 3,000 of these
+queries: keep the 3 (2) rarest terms: 0.79 (0.28) ms but top-1 agreement 89% (58%); drop the most frequent of
+4-5 terms: 0.88 ms, 93%; exact MaxScore in Python (one query per term, rarest first, Must/MustNot, stop when the
+k-th score beats the remaining terms' BM25 bound idf·(k1+1)): identical results, but 2.9 queries per search at
+k=10 (2.08 ms) and 2.1 at k=1 (0.98 ms vs 1.18-1.5), since that bound is loose; a union of Should terms beside a
+Must term scans them anyway. ≥ 1,000 q/s *wall* on 2 loaded cores needs block-max WAND upstream in tantivy-py.
 """
 
 from __future__ import annotations
@@ -113,6 +125,11 @@ def timed(fn):
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
+def first_text(hits) -> str | None:
+    """What the stage reads of a result, usually: the first hit's text (the others load only if it is rejected)."""
+    return hits[0].text if hits else None
+
+
 def bench_synthq(corpus: Path, queries: list[str], workdir: Path, skip_build: bool) -> None:
     from datasets import Dataset
 
@@ -132,14 +149,19 @@ def bench_synthq(corpus: Path, queries: list[str], workdir: Path, skip_build: bo
     index = load_index(out)
     index.search_sync(queries[0], 10)
     single = queries[:2000]
-    _, wall, cpu = timed(lambda: [index.search_sync(q, 10) for q in single])
-    print(f"one thread: {len(single) / wall:,.0f} queries/s, {cpu / len(single) * 1000:.2f} ms CPU per query (k=10)")
+    _, wall, cpu = timed(lambda: [first_text(index.search_sync(q, 10)) for q in single])
+    print(
+        f"one thread: {len(single) / wall:,.0f} queries/s, {cpu / len(single) * 1000:.2f} ms CPU per query "
+        f"(k=10, first hit's text read), load average {os.getloadavg()[0]:.1f}"
+    )
     results, wall, cpu = timed(lambda: index.search_many(queries, 10))
     assert sum(1 for hits in results if hits) > 0.99 * len(queries), "queries taken from documents must match"
+    _, fetch_wall, fetch_cpu = timed(lambda: [first_text(hits) for hits in results])
+    wall, cpu = wall + fetch_wall, cpu + fetch_cpu
     print(
         f"search_many ({cores} threads): {len(queries) / wall:,.0f} queries/s wall, "
         f"{cpu / len(queries) * 1000:.2f} ms CPU per query -> {cores * len(queries) / cpu:,.0f} queries/s on "
-        f"{cores} idle cores (k=10, text fetched)"
+        f"{cores} idle cores (k=10, first hit's text read), load average {os.getloadavg()[0]:.1f}"
     )
     rows = Dataset.from_dict({"query": single})
     _, wall, cpu = timed(lambda: rows.map(search_documents, fn_kwargs={"index": str(out)}, load_from_cache_file=False))

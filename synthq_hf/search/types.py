@@ -11,7 +11,8 @@ class Hit:
     """One ranked document. ``text`` is the full document (index) or the page's main text (web).
 
     ``error`` says why ``text`` is empty when a web page could not be fetched or extracted, so the stage can
-    report *why* no hit was usable; local index hits never carry one.
+    report *why* no hit was usable; local index hits never carry one. The local index returns
+    :class:`synthq_hf.search.bm25.IndexHit`, the same attributes read lazily from the index.
     """
 
     document_id: str

@@ -98,7 +98,11 @@ def _backend(index: str | os.PathLike | None, web: WebSearchConfig | None) -> Se
 
 
 def pick(query: str, hits: list[Hit]) -> Hit | None:
-    """The first hit with text that is not a near-copy of the query."""
+    """The first hit with text that is not a near-copy of the query.
+
+    Reads ``text`` of the hits it inspects only, in rank order: index hits load stored fields on first access,
+    so the rest of the ``k`` are never read from disk.
+    """
     for hit in hits:
         if hit.text and hit.text.strip() and not is_near_copy(query, hit.text):
             return hit
