@@ -393,3 +393,17 @@ def test_openai_embeddings_route(openai_server: EmbeddingServer, make_config) ->
     assert [body["model"] for body in openai_server.posts()] == ["minilm"]
     local = load_model(None).encode(ds["prompt"][:], normalize_embeddings=True)
     assert np.allclose(embedding_matrix(out), local, atol=1e-4)  # back in input order although served reversed
+
+
+def test_prompts_sharing_one_word_still_get_topics() -> None:
+    """One distinct word in the whole vocabulary broke BERTopic's c-TF-IDF (a scalar where scipy wants a list)."""
+    rng = np.random.default_rng(0)
+    ds = Dataset.from_dict(
+        {
+            "prompt": ["ok"] * 6,
+            "total_score": [1, 2, 3, 4, 5, 6],
+            "embedding": [list(v / np.linalg.norm(v)) for v in rng.normal(size=(6, 8)).astype("float32")],
+        }
+    )
+    kept, rejected = balance_topics(ds, target_size=2, n_topics=2)
+    assert kept.num_rows == 2 and rejected.num_rows == 4

@@ -248,3 +248,19 @@ def test_rows_rejected_by_the_filter_cost_no_moderation_request(make_stub, tmp_p
     assert guard.count("/v1/chat/completions") == 0
     rows = load_dataset(str(out), "instructions")
     assert set(rows) == {"rejected"} and set(rows["rejected"]["rejected_by"]) == {"score_instruction"}
+
+
+def test_balance_topics_plugs_in_and_the_card_shows_topics(make_stub, tmp_path) -> None:
+    """A global stage that embeds (packaged MiniLM), fits topics and keeps a target size; the rest -> rejected."""
+    stub = stub_for_run(make_stub)
+    data = recipe_data(stub.url, tmp_path)
+    data["instructions"]["balance_topics"] = {"target_size": 2, "n_topics": 3}
+    out = run_recipe(build_recipe(data))
+    rows = load_dataset(str(out), "instructions")
+    assert rows["train"].num_rows == 2
+    assert [r["reason"] for r in rows["rejected"]] == ["balance"] * 3
+    assert all(t is not None for t in rows["train"]["topic"]) and "embedding" not in rows["train"].column_names
+    report = json.loads((out / "run.json").read_text())
+    assert {"mean_cosine_distance (kept)", "vendi_score (before balancing)"} <= set(report["diversity"])
+    card = (out / "README.md").read_text()
+    assert "assets/topic_sizes.png" in card and "vendi_score (kept)" in card

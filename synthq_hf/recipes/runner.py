@@ -97,12 +97,46 @@ STEPS: dict[str, Step] = {
     "moderate": Step("row", _stage("moderate", "moderate"), "guard", post=_stage("moderate", "mark_unsafe")),
     "dedup": Step("global", _stage("dedup", "dedup")),
     "decontaminate": Step("global", _stage("decontaminate", "decontaminate")),
+    "balance_topics": Step("global", lambda: embed_and_balance),
 }
 #: Columns global stages add to the rows they reject or keep: part of the config's one schema from the start.
 GLOBAL_FEATURES = {
     "dedup": Features({"duplicate_of": Value("string")}),
     "balance_topics": Features({"topic": Value("int64"), "topic_label": Value("string")}),
 }
+
+
+def embed_and_balance(
+    ds: Dataset,
+    target_size: int,
+    n_topics: int = 100,
+    sample_size: int = 200_000,
+    seed: int = 0,
+    model: str | None = None,
+    embed_batch_size: int = 256,
+    num_proc: int | None = None,
+) -> tuple[Dataset, Dataset]:
+    """The recipe's ``balance_topics`` line: embed the prompts (packaged MiniLM unless ``model`` names another
+    sentence-transformers folder), then select ``target_size`` rows round-robin over BERTopic topics.
+
+    The embeddings are not written to the output (1.5 KB a row); the diversity of the kept rows against all rows
+    is kept in ``DIVERSITY`` for the run report. Needs the ``topics`` extra (torch, sentence-transformers, bertopic).
+    """
+    from synthq_hf.stages.balance_topics import balance_topics, diversity
+    from synthq_hf.stages.embed import embed_dataset
+
+    if "embedding" not in ds.column_names:
+        ds = embed_dataset(ds, batch_size=embed_batch_size, num_proc=num_proc, model=model)
+    kept, rejected = balance_topics(ds, target_size, n_topics=n_topics, sample_size=sample_size, seed=seed)
+    DIVERSITY.clear()
+    for name, part in (("kept", kept), ("before balancing", ds)):
+        for metric, value in diversity(part, seed=seed).items():
+            DIVERSITY[f"{metric} ({name})"] = value
+    return kept, rejected
+
+
+#: Diversity figures of the last :func:`embed_and_balance` (the card shows them).
+DIVERSITY: dict[str, float] = {}
 
 
 async def skip_rejected(row: dict[str, Any], _stage_fn: Callable, **kwargs: Any) -> dict[str, Any]:
@@ -393,7 +427,10 @@ def _instructions(
     train_glob = train.close()
     table, reasons = tally.table(), {k: dict(v) for k, v in tally.reasons.items()}
     if global_steps:
-        kept = Dataset.from_parquet(sorted(str(p) for p in streamed_to.glob(train_glob))) if train_glob else None
+        kept = None
+        if train_glob:  # kept rows' empty rejected_by/reason go: global stages write their own
+            kept = Dataset.from_parquet(sorted(str(p) for p in streamed_to.glob(train_glob)))
+            kept = kept.remove_columns([c for c in REJECT_FEATURES if c in kept.column_names])
         for name, params in global_steps.items():
             before = kept.num_rows if kept is not None else 0
             dropped = 0
@@ -444,6 +481,7 @@ def run_recipe(
     datasets.config.MAX_NUM_RUNNING_ASYNC_MAP_FUNCTIONS_IN_PARALLEL = max(16, 2 * widest)
     started = time.monotonic()
     USAGE.clear()
+    DIVERSITY.clear()
     try:
         demonstrations, demo_splits, demo_table, demo_reasons = _demonstrations(recipe, out)
         instruction_splits, table, reasons = _instructions(recipe, out, demonstrations, limit, corpus)
@@ -463,6 +501,7 @@ def run_recipe(
             for config, splits in configs.items()
         },
         **_describe_endpoints(recipe),
+        "diversity": dict(DIVERSITY) if "balance_topics" in recipe.instructions else None,
         "pretty_name": recipe.output.pretty_name,
         "prompt_hashes": {
             s: prompts.prompt_hash(s) for s in stages_used if (prompts.PROMPT_DIR / f"{s}.user.j2").exists()

@@ -7,8 +7,10 @@ from collections.abc import Callable
 
 from datasets import Features
 
+from synthq_hf.stages.balance_topics import balance_topics, diversity, topic_sizes
 from synthq_hf.stages.decontaminate import decontaminate
 from synthq_hf.stages.dedup import dedup
+from synthq_hf.stages.embed import embed, embed_dataset
 from synthq_hf.stages.extract_keywords import extract_keywords
 from synthq_hf.stages.generate_instruction import generate_instruction
 from synthq_hf.stages.ground import ground
@@ -34,8 +36,12 @@ def output_features(input_features: Features | None, *stages: Callable) -> Featu
 
 
 __all__ = [
+    "balance_topics",
     "decontaminate",
     "dedup",
+    "diversity",
+    "embed",
+    "embed_dataset",
     "extract_keywords",
     "generate_instruction",
     "ground",
@@ -46,4 +52,5 @@ __all__ = [
     "score_instruction",
     "search_documents",
     "split_rejected",
+    "topic_sizes",
 ]

@@ -108,10 +108,12 @@ def fit_topics(
 
     try:
         return model(CountVectorizer(stop_words="english")).fit(docs, embeddings=embeddings)
-    except ValueError as err:
-        if "empty vocabulary" not in str(err):
+    except (ValueError, TypeError) as err:
+        # No words at all ("empty vocabulary"), or exactly one distinct word, on which c-TF-IDF fails (scipy's
+        # diags gets a scalar: "object of type 'numpy.float64' has no len()").
+        if "empty vocabulary" not in str(err) and "has no len" not in str(err):
             raise
-        log.warning("%s: the prompts leave no words for topic labels; labelling topics 'topic N'", STAGE)
+        log.warning("%s: the prompts leave too few words for topic labels; labelling topics 'topic N'", STAGE)
         return model(CountVectorizer()).fit([" ".join(NO_WORDS)] * len(docs), embeddings=embeddings)
 
 
