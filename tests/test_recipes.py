@@ -64,7 +64,7 @@ def test_bundled_recipes_load_and_overrides_reach_the_fields() -> None:
     assert recipe.corpus.limit == 2
     assert recipe.endpoints["generator"].url == "http://x:1"
     assert recipe.instructions["filter"] == {"threshold": 5}
-    assert list(recipe.instructions) == ["generate_instruction", "score_instruction", "filter"]
+    assert list(recipe.instructions) == ["generate_instruction", "score_instruction", "filter", "dedup"]
     assert load_recipe("synthquestions").corpus.streaming is True
 
 
