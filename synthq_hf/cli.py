@@ -13,20 +13,6 @@ from pathlib import Path
 BUNDLED_SAMPLE = Path(__file__).parent / "data" / "sample_instructions.jsonl"
 
 
-def _check_jsonl(path: Path) -> None:
-    """Fail on the first broken line with its number, before ``datasets`` turns it into a traceback wall."""
-    if not path.is_file():
-        raise FileNotFoundError(f"input file {path} does not exist")
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number} is not valid JSON ({err.msg} at column {err.colno})") from None
-
-
 def _versions() -> dict[str, str]:
     names = ["synthq-hf", "datasets", "aiohttp", "pydantic", "huggingface_hub", "llama_cpp_python"]
     found = {"python": platform.python_version()}
@@ -43,10 +29,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from synthq_hf import output, prompts
     from synthq_hf.endpoint import USAGE, EndpointConfig
+    from synthq_hf.inputs import check_jsonl
     from synthq_hf.stages import output_features, score_instruction
 
     source = Path(args.input) if args.input else BUNDLED_SAMPLE
-    _check_jsonl(source)
+    check_jsonl(source)
     out = output.prepare_folder(args.output, overwrite=args.overwrite)
     endpoint = EndpointConfig(
         url=args.endpoint,
