@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 BUNDLED_SAMPLE = Path(__file__).parent / "data" / "sample_instructions.jsonl"
-
-
-def _versions() -> dict[str, str]:
-    names = ["synthq-hf", "datasets", "aiohttp", "pydantic", "huggingface_hub", "llama_cpp_python"]
-    found = {"python": platform.python_version()}
-    for name in names:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -71,7 +58,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             "seconds": round(elapsed, 2),
             "prompt_hashes": {"score_instruction": prompts.prompt_hash("score_instruction")},
             "usage": usage,
-            "versions": _versions(),
+            "versions": output.package_versions(),
         },
     )
     output.write_readme(

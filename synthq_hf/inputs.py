@@ -45,19 +45,33 @@ def resolve_source(source: str) -> str:
 
 
 def open_dataset(
-    source: str, *, config: str | None = None, split: str = "train", streaming: bool = False
+    source: str | os.PathLike | list[str],
+    *,
+    config: str | None = None,
+    split: str = "train",
+    streaming: bool = False,
 ) -> datasets.Dataset | datasets.IterableDataset:
-    """A ``Dataset`` (or ``IterableDataset`` when ``streaming``) for a Hub name, local file(s) or folder."""
-    path = resolve_source(source)
-    suffix = Path(path.removesuffix(".gz")).suffix.lower()
-    if os.path.isdir(path):
-        return datasets.load_dataset(path, config, split=split, streaming=streaming)
-    if suffix in LOCAL_BUILDERS:
-        files = sorted(glob.glob(path))
-        if not files:
-            raise FileNotFoundError(f"input file {path} does not exist")
-        if suffix == ".jsonl" and not path.endswith(".gz"):
-            for file in files:
+    """A ``Dataset`` (or ``IterableDataset`` when ``streaming``) for a Hub name, a local folder, or local
+    file(s) / globs of one format (a list of them is read as one dataset)."""
+    sources = (
+        [resolve_source(str(s)) for s in source] if isinstance(source, list | tuple) else [resolve_source(str(source))]
+    )
+    suffixes = {Path(s.removesuffix(".gz")).suffix.lower() for s in sources}
+    if len(sources) == 1 and os.path.isdir(sources[0]):
+        return datasets.load_dataset(sources[0], config, split=split, streaming=streaming)
+    if suffixes & set(LOCAL_BUILDERS):
+        if len(suffixes) != 1 or not suffixes <= set(LOCAL_BUILDERS):
+            raise ValueError(f"local files must all be one of {sorted(LOCAL_BUILDERS)}; got {sources}")
+        files = []
+        for pattern in sources:
+            found = sorted(glob.glob(pattern))
+            if not found:
+                raise FileNotFoundError(f"no such file {pattern}")
+            files += found
+        for file in files:
+            if file.endswith(".jsonl"):
                 check_jsonl(file)
-        return datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files=files, split=split, streaming=streaming)
-    return datasets.load_dataset(path, config, split=split, streaming=streaming)
+        return datasets.load_dataset(LOCAL_BUILDERS[suffixes.pop()], data_files=files, split=split, streaming=streaming)
+    if len(sources) != 1:
+        raise ValueError(f"give one Hub dataset name or local files; got {sources}")
+    return datasets.load_dataset(sources[0], config, split=split, streaming=streaming)

@@ -162,3 +162,18 @@ def write_readme(out: Path, configs: Mapping[str, Mapping[str, str]], body: str)
 
 def write_run_report(out: Path, report: Mapping[str, Any]) -> None:
     (out / "run.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages that shape the output, for run.json and the card."""
+    import importlib.metadata
+    import platform
+
+    names = ["synthq-hf", "datasets", "aiohttp", "pydantic", "huggingface_hub", "llama_cpp_python", "tantivy"]
+    found = {"python": platform.python_version()}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found

@@ -17,18 +17,10 @@ from huggingface_hub import DatasetCard
 from matplotlib.image import imread
 
 from synthq_hf import cards, output
+from synthq_hf.stages.score_instruction import CRITERIA
 
 datasets.disable_progress_bars()
 
-CRITERIA = (
-    "specificity",
-    "domain_knowledge",
-    "complexity",
-    "problem_solving",
-    "creativity",
-    "technical_accuracy",
-    "real_world_application",
-)
 SCORED = Features(
     {
         "id": Value("string"),

@@ -267,7 +267,7 @@ def _index_for(recipe: Recipe) -> str:
     stat = Path(source).stat()
     key = hashlib.blake2b(f"{Path(source).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode(), digest_size=8)
     folder = default_cache_path().parent / "indexes" / f"{Path(source).stem}-{key.hexdigest()}"
-    if not (folder / "synthq-index.json").exists() and not folder.exists():
+    if not folder.exists():  # build_index writes to <folder>.partial and renames: a folder is a finished index
         columns = open_dataset(source, split=recipe.corpus.split).column_names
         build_index(
             source,
@@ -508,7 +508,7 @@ def run_recipe(
         },
         "sources": {"seeds": recipe.seeds.dataset, "corpus": recipe.corpus.dataset},
         "usage": {stage: usage.as_dict() for stage, usage in USAGE.items()},
-        "versions": _versions(),
+        "versions": output.package_versions(),
         "repo_id": push_to_hub,
     }
     output.write_run_report(out, report)
@@ -541,16 +541,3 @@ def _write_card(out: Path, report: dict[str, Any], configs: dict[str, dict[str, 
         )
         return
     write_card(out, report, configs)
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata
-    import platform
-
-    found = {"python": platform.python_version()}
-    for name in ["synthq-hf", "datasets", "aiohttp", "pydantic", "huggingface_hub", "llama_cpp_python", "tantivy"]:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return found

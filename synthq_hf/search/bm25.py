@@ -17,7 +17,6 @@ folder that loads as an index.
 from __future__ import annotations
 
 import asyncio
-import glob
 import itertools
 import json
 import os
@@ -40,7 +39,6 @@ FORMAT = 1
 #: English stemming and lowercasing: "running cats" finds "run" and "cat". Web corpora (FineWeb) are mostly
 #: English; pass ``tokenizer="default"`` (lowercase only) for other languages.
 DEFAULT_TOKENIZER = "en_stem"
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 #: Everything that is not a word character or space: tantivy's query syntax (``+ - : " ( ) ^ ~ *`` …) lives here,
 #: and keywords such as ``C++`` or ``"x: y"`` must be searched as words, never parsed as operators.
 _NOT_WORD = re.compile(r"[^\w\s]+|_")  # "_" too: tantivy splits key_error into a phrase, which needs positions
@@ -63,33 +61,21 @@ def _open_source(
     """(rows, row count if known, a description) for a Hub name, local files, or a (Iterable)Dataset."""
     import datasets
 
+    from synthq_hf.inputs import open_dataset
+
     if isinstance(source, datasets.Dataset | datasets.IterableDataset):
         total = source.num_rows if isinstance(source, datasets.Dataset) else None
         return source, total, f"<{type(source).__name__}>"
     files = [str(source)] if isinstance(source, str | os.PathLike) else [str(f) for f in source]
-    if len(files) == 1 and os.path.isdir(files[0]):  # a local dataset folder: datasets works out its format
-        ds = datasets.load_dataset(files[0], config, split=split, streaming=streaming)
-    elif any(glob.glob(f) for f in files) or any(_suffix(f) in LOCAL_BUILDERS for f in files):
-        missing = [f for f in files if not glob.glob(f)]
-        if missing:
-            raise FileNotFoundError(f"index build: no such file {missing[0]}")
-        suffixes = {_suffix(f) for f in files}
-        if len(suffixes) != 1 or not suffixes <= set(LOCAL_BUILDERS):
-            raise ValueError(f"index build: local files must all be one of {sorted(LOCAL_BUILDERS)}; got {files}")
-        ds = datasets.load_dataset(LOCAL_BUILDERS[suffixes.pop()], data_files=files, split=split, streaming=streaming)
-    elif len(files) == 1:
-        ds = datasets.load_dataset(files[0], config, split=split, streaming=streaming)
-    else:
-        raise ValueError(f"index build: give one Hub dataset name or local files; got {files}")
+    try:
+        ds = open_dataset(files, config=config, split=split, streaming=streaming)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"index build: {err}") from None
     description = ", ".join(files) + (f" ({config})" if config else "")
     total = ds.num_rows if isinstance(ds, datasets.Dataset) else None
     if total is None and getattr(ds, "info", None) and ds.info.splits and split in ds.info.splits:
         total = ds.info.splits[split].num_examples or None
     return ds, total, description
-
-
-def _suffix(name: str) -> str:
-    return Path(name.removesuffix(".gz")).suffix.lower()
 
 
 def _schema(tokenizer: str) -> tantivy.Schema:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from synthq_hf import prompts
 from synthq_hf.endpoint import EndpointConfig, RequestFailed
 from synthq_hf.stages._batch import batchable
-from synthq_hf.stages._common import failure, read_text, row_id
+from synthq_hf.stages._common import error_reason, failure, read_text, row_id
 from synthq_hf.structured import StageFailure, generate
 
 STAGE = "score_instruction"
@@ -93,10 +93,8 @@ async def score_instruction(
             attempts=attempts,
             temperature=temperature,
         )
-    except StageFailure as err:
-        return failure(STAGE, EMPTY, err.describe(STAGE))
-    except RequestFailed as err:
-        return failure(STAGE, EMPTY, f"{STAGE}: {err}")
+    except (StageFailure, RequestFailed) as err:
+        return failure(STAGE, EMPTY, error_reason(STAGE, err))
     scores = {name: getattr(result, name).score for name in CRITERIA}
     return {
         "scores": scores,
