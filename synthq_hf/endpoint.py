@@ -1,31 +1,34 @@
 """The async LLM client every stage talks through: dialects, concurrency, backpressure, retries, cache, usage.
 
 Stages receive an :class:`EndpointConfig` (plain, hashable data, so ``datasets`` can fingerprint ``fn_kwargs``) and
-call :func:`get_client` inside the running event loop. ``datasets.map`` makes a new loop per call, and an aiohttp
-session is bound to the loop that made it, so there is one live client per (loop, config).
+call :func:`get_client` inside the running event loop. ``datasets.map`` makes a new loop per call, and connections
+belong to the loop that opened them, so there is one live client per (loop, config).
 
-Why not huggingface_hub / tenacity on the hot path: measured here against a zero-latency stub, aiohttp does
-~5,000 req/s where ``AsyncInferenceClient`` does ~800, and a tenacity ``AsyncRetrying`` block costs ~40 µs per
-call (20% of the per-request budget at that rate). The retry loop below is a plain ``for`` with full-jitter
-exponential backoff; huggingface_hub is still used for the token (``get_token()``).
+Why not huggingface_hub / aiohttp / tenacity on the hot path: measured here against a zero-latency stub,
+``AsyncInferenceClient`` does ~800 req/s, aiohttp ~6,000 (~150 µs of CPU a request) and :mod:`synthq_hf.http`
+(an asyncio protocol over the llhttp parser) ~25,000 (~35 µs); a tenacity ``AsyncRetrying`` block costs ~40 µs
+per call. The retry loop below is a plain ``for`` with full-jitter exponential backoff; huggingface_hub is still
+used for the token (``get_token()``). The speed target and its figures: ``scripts/bench/client_ceiling.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import random
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-import aiohttp
 import orjson
 
 from synthq_hf.cache import RequestCache, body_key, get_cache, request_key
+from synthq_hf.http import Pool
 
 Dialect = Literal["auto", "tgi", "vllm", "llamacpp", "openai"]
 DEFAULT_CONCURRENCY = 64
@@ -128,6 +131,42 @@ class Usage:
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+_HEAP_LOCK = threading.Lock()
+_heap_holders = 0
+_heap_frozen = False
+
+
+def hold_heap() -> None:
+    """While requests are in flight, keep the garbage collector off the objects that existed before them.
+
+    Why: a fast server answers thousands of requests a second, and every answer allocates; that triggers
+    full collections, and each one walks every object in the process — with ``datasets``, pyarrow and
+    pydantic imported that is ~120k objects, ~100 ms a walk. Measured with ``scripts/bench/client_ceiling.py``:
+    5-7 such walks per 10,000 rows, ~85 µs a row, more than all of synthq's own work per request.
+    ``gc.freeze()`` moves the existing objects out of the collector's generations (O(1)); objects made during
+    the run are collected as usual. When the last client goes idle, ``gc.unfreeze()`` hands the old objects
+    back, so cyclic garbage among them is collected then: nothing leaks, and at most the heap that existed
+    before the first request waits. A process that froze its heap itself (``gc.get_freeze_count()`` > 0) or
+    turned the collector off is left as it is.
+    """
+    global _heap_holders, _heap_frozen
+    with _HEAP_LOCK:
+        if _heap_holders == 0 and gc.isenabled() and gc.get_freeze_count() == 0:
+            gc.freeze()
+            _heap_frozen = True
+        _heap_holders += 1
+
+
+def release_heap() -> None:
+    """The counterpart of :func:`hold_heap`: the last holder unfreezes what it froze."""
+    global _heap_holders, _heap_frozen
+    with _HEAP_LOCK:
+        _heap_holders -= 1
+        if _heap_holders == 0 and _heap_frozen:
+            gc.unfreeze()
+            _heap_frozen = False
 
 
 #: Process-wide usage by stage name (clients come and go with event loops; the counts must not).
@@ -254,18 +293,18 @@ def _resolve_api_key(config: EndpointConfig) -> str | None:
     return None
 
 
-async def _probe(session: aiohttp.ClientSession, base: str, route: str) -> tuple[int | str, Any]:
+async def _probe(pool: Pool, route: str) -> tuple[int | str, Any]:
     """GET a route; returns (status, json-or-None), or ("unreachable", reason) when nothing answered."""
     try:
-        async with session.get(base + route, timeout=aiohttp.ClientTimeout(total=10)) as resp:
-            if resp.status != 200:
-                return resp.status, None
-            try:
-                return 200, orjson.loads(await resp.read())
-            except orjson.JSONDecodeError:
-                return 200, None
-    except (aiohttp.ClientError, TimeoutError, OSError) as err:
+        resp = await pool.request("GET", route, timeout_s=10)
+    except (TimeoutError, OSError) as err:
         return "unreachable", _describe(err)
+    if resp.status != 200:
+        return resp.status, None
+    try:
+        return 200, orjson.loads(resp.body)
+    except orjson.JSONDecodeError:
+        return 200, None
 
 
 def _describe(err: BaseException) -> str:
@@ -275,14 +314,14 @@ def _describe(err: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-async def _first_model(session: aiohttp.ClientSession, base: str) -> str | None:
-    status, body = await _probe(session, base, "/v1/models")
+async def _first_model(pool: Pool) -> str | None:
+    status, body = await _probe(pool, "/v1/models")
     if status == 200 and isinstance(body, dict) and body.get("data"):
         return str(body["data"][0].get("id"))
     return None
 
 
-async def detect_server(session: aiohttp.ClientSession, config: EndpointConfig, base: str) -> ServerInfo:
+async def detect_server(pool: Pool, config: EndpointConfig, base: str) -> ServerInfo:
     """Find out which server speaks at ``base`` (once per client): TGI, vLLM, llama.cpp or generic OpenAI."""
     tried: list[str] = []
     unreachable: list[str] = []
@@ -290,7 +329,7 @@ async def detect_server(session: aiohttp.ClientSession, config: EndpointConfig, 
     want = config.dialect
 
     async def probe(route: str) -> Any:
-        status, body = await _probe(session, base, route)
+        status, body = await _probe(pool, route)
         tried.append(f"GET {route} → {status}")
         if status == "unreachable":
             unreachable.append(body)
@@ -342,7 +381,7 @@ async def detect_server(session: aiohttp.ClientSession, config: EndpointConfig, 
             "expected TGI, vLLM, llama.cpp or an OpenAI-compatible server"
         )
     if model is None and dialect != "tgi":
-        model = await _first_model(session, base)
+        model = await _first_model(pool)
     return ServerInfo(
         base_url=base,
         dialect=dialect,
@@ -359,36 +398,47 @@ class EndpointClient:
     def __init__(self, config: EndpointConfig):
         self.config = config
         self._api_key = _resolve_api_key(config)
-        self._headers = {"Content-Type": "application/json"}
+        self._headers: dict[str, str] = {}
         if self._api_key:
             self._headers["Authorization"] = f"Bearer {self._api_key}"
-        self._session: aiohttp.ClientSession | None = None
+        self._base: str | None = None
+        self._pool: Pool | None = None
         self._info: ServerInfo | None = None
-        self._detecting: asyncio.Future[ServerInfo] | None = None
+        self._detecting: tuple[asyncio.Future[ServerInfo], asyncio.Event] | None = None
         self.limiter: AdaptiveLimiter | None = None
         self.cache: RequestCache | None = get_cache(config.cache_path) if config.cache else None
         self._params = config.generation_params
         self._active = 0
 
     # -- plumbing -------------------------------------------------------------------------------------------
-    def _session_now(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=False)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
-                headers=self._headers,
-                json_serialize=lambda obj: orjson.dumps(obj).decode(),
-            )
-        return self._session
+    def _pool_now(self) -> Pool:
+        if self._pool is None or self._pool.closed:
+            self._pool = Pool(self._base, self._headers, self.config.timeout_s)
+        return self._pool
+
+    def _enter(self) -> None:
+        if self._active == 0:
+            hold_heap()
+        self._active += 1
+
+    async def _leave(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            release_heap()
+            await self._idle()
 
     async def _idle(self) -> None:
-        """Nothing in flight (usually: the map is done). ``datasets`` never closes its loop, so close the session
-        here; and commit the cache now, since a ``num_proc`` worker may be terminated before the writer's next tick.
+        """Nothing in flight (usually: the map is done). ``datasets`` never closes its loop, so close the
+        connections here; and commit the cache now, since a ``num_proc`` worker may be terminated before the
+        writer's next tick.
         """
-        if self._active == 0 and self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        if self._active == 0 and self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.close()
+            # One loop turn lets the transports finish closing (asyncio schedules that with call_soon). Without
+            # it a map's loop stops with half-closed transports pointing at it, and the loop, kept in that
+            # cycle, is later finalised after its own self-pipe socket ("Invalid file descriptor: -1").
+            await asyncio.sleep(0)
         if self.cache is not None:
             self.cache.flush()
 
@@ -404,14 +454,15 @@ class EndpointClient:
         if self._info is None:
             detecting = self._detecting
             if detecting is None:
-                detecting = self._detecting = asyncio.ensure_future(self._detect_once())
-                detecting.add_done_callback(_retrieve)  # no "exception never retrieved" if every waiter left
-            try:
-                await asyncio.shield(detecting)  # one waiter cancelled must not cancel the others' detection
-            except BaseException:
-                if self._detecting is detecting and detecting.done():
+                detecting = self._detecting = (asyncio.ensure_future(self._detect_once()), asyncio.Event())
+                detecting[0].add_done_callback(lambda task, done=detecting[1]: (_retrieve(task), done.set()))
+            # An Event, not a shield per waiter: thousands of rows wait here at the start of a batched map, and a
+            # shield cost ~5 µs a row. Cancelling a waiter cancels only its own wait, never the detection.
+            await detecting[1].wait()
+            if self._info is None:
+                if self._detecting is detecting:
                     self._detecting = None
-                raise
+                raise detecting[0].exception()
         return self._info
 
     async def _detect_once(self) -> ServerInfo:
@@ -428,13 +479,12 @@ class EndpointClient:
             url = await asyncio.to_thread(ensure_local_server)
         # Once per client, i.e. per (event loop, config): a few GETs per map call, and never a stale answer
         # about a URL that now serves something else.
-        self._active += 1
+        self._base = _base_url(url)
+        self._enter()
         try:
-            return await detect_server(self._session_now(), self.config, _base_url(url))
+            return await detect_server(self._pool_now(), self.config, self._base)
         finally:
-            self._active -= 1
-            if self._active == 0:
-                await self._idle()
+            await self._leave()
 
     # -- the request loop -----------------------------------------------------------------------------------
     async def post(self, route: str, payload: dict, *, stage: str, cache_key: dict | None = None) -> tuple[Any, bool]:
@@ -459,7 +509,7 @@ class EndpointClient:
         limiter = self.limiter
         config = self.config
         last = ""
-        self._active += 1
+        self._enter()
         try:
             for attempt in range(config.max_retries + 1):
                 if attempt:
@@ -468,36 +518,36 @@ class EndpointClient:
                 start = time.monotonic()
                 retry_after = None
                 try:
-                    async with self._session_now().post(url, data=body) as resp:
-                        raw = await resp.read()
-                        status = resp.status
-                        if status == 200:
-                            data = orjson.loads(raw)
-                            latency = time.monotonic() - start
-                            usage.requests += 1
-                            usage.latency_s += latency
-                            tokens = _usage_tokens(data)
-                            usage.prompt_tokens += tokens[0]
-                            usage.completion_tokens += tokens[1]
-                            limiter.on_success(latency, tokens[1])
-                            if cache is not None:
-                                cache.put(key, raw)
-                            return data, False
-                        last = f"HTTP {status}: {_snippet(raw)}"
-                        if status in (429, 503):
-                            limiter.on_overload()
-                            retry_after = _retry_after(resp.headers.get("Retry-After"))
-                        elif status in (401, 403):
-                            raise EndpointError(
-                                f"{url} refused the credentials (HTTP {status}); set HF_TOKEN / log in with "
-                                "`hf auth login`, or name the key's environment variable in api_key_env"
-                            )
-                        elif status in (404, 405):
-                            raise EndpointError(f"{url} does not serve this route (HTTP {status})")
-                        elif status < 500 and status != 408:
-                            usage.failures += 1
-                            raise RequestFailed(self._redact(f"POST {route} → {last}"))
-                except (aiohttp.ClientError, TimeoutError, OSError) as err:
+                    resp = await self._pool_now().request("POST", route, body)
+                    raw = resp.body
+                    status = resp.status
+                    if status == 200:
+                        data = orjson.loads(raw)
+                        latency = time.monotonic() - start
+                        usage.requests += 1
+                        usage.latency_s += latency
+                        tokens = _usage_tokens(data)
+                        usage.prompt_tokens += tokens[0]
+                        usage.completion_tokens += tokens[1]
+                        limiter.on_success(latency, tokens[1])
+                        if cache is not None:
+                            cache.put(key, raw)
+                        return data, False
+                    last = f"HTTP {status}: {_snippet(raw)}"
+                    if status in (429, 503):
+                        limiter.on_overload()
+                        retry_after = _retry_after(resp.header("retry-after"))
+                    elif status in (401, 403):
+                        raise EndpointError(
+                            f"{url} refused the credentials (HTTP {status}); set HF_TOKEN / log in with "
+                            "`hf auth login`, or name the key's environment variable in api_key_env"
+                        )
+                    elif status in (404, 405):
+                        raise EndpointError(f"{url} does not serve this route (HTTP {status})")
+                    elif status < 500 and status != 408:
+                        usage.failures += 1
+                        raise RequestFailed(self._redact(f"POST {route} → {last}"))
+                except (TimeoutError, OSError) as err:
                     last = _describe(err)
                 except orjson.JSONDecodeError:
                     last = f"malformed JSON reply: {_snippet(raw)}"
@@ -509,9 +559,7 @@ class EndpointClient:
             usage.failures += 1
             raise RequestFailed(self._redact(f"POST {url} failed after {config.max_retries + 1} attempts: {last}"))
         finally:
-            self._active -= 1
-            if self._active == 0:
-                await self._idle()
+            await self._leave()
 
     # -- routes -----------------------------------------------------------------------------------------------
     async def chat(

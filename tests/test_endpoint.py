@@ -7,6 +7,7 @@ stub injects server faults, nothing of ours is patched. No test asserts a durati
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -866,6 +867,39 @@ def test_client_closes_its_connections_after_a_map(stub, make_config):
     out = Dataset.from_dict(ROWS).map(score_instruction, fn_kwargs={"endpoint": make_config(stub.url)})
     assert out[ERROR] == [None] * 6
     assert wait_for_no_connections(stub) == 0
+
+
+def test_heap_is_frozen_only_while_requests_are_in_flight(stub, make_config, stage):
+    """The collector skips the pre-existing heap while requests run (see ``hold_heap``) and gets it back after."""
+    stub.queue(("sleep", 0.5))
+    config = make_config(stub.url, cache=False)
+
+    async def go():
+        client = get_client(config)
+        await client.info()
+        before = gc.get_freeze_count()
+        request = asyncio.ensure_future(client.chat(MESSAGES, stage=stage, row_id="r0"))
+        await asyncio.sleep(0.2)
+        during = gc.get_freeze_count()
+        await request
+        return before, during, gc.get_freeze_count()
+
+    assert gc.get_freeze_count() == 0
+    before, during, after = asyncio.run(go())
+    assert before == 0
+    assert during > 1000  # the modules, classes and data already loaded
+    assert after == 0
+
+
+def test_a_heap_the_process_froze_itself_stays_frozen(stub, make_config):
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        out = Dataset.from_dict(ROWS).map(score_instruction, fn_kwargs={"endpoint": make_config(stub.url)})
+        assert out[ERROR] == [None] * 6
+        assert gc.get_freeze_count() > frozen // 2  # still frozen (minus objects freed meanwhile), not handed back
+    finally:
+        gc.unfreeze()
 
 
 def test_failed_detection_leaves_no_connection_open(make_config):

@@ -5,14 +5,21 @@ with one canned chat reply whose content is a valid ``InstructionScore``), so th
 Then, in one process run, side by side:
 
   raw            a bare aiohttp loop at the same concurrency sending exactly the JSON score_instruction sends
+                 (the issue's reference: what a lean hand-rolled aiohttp client would reach)
+  raw http       the same loop over ``synthq_hf.http.Pool``, the transport the stages use: the stage's own
+                 overhead is the distance from this line
   per-row        ``ds.map(score_instruction, fn_kwargs=...)``, request cache on (a fresh cache file: every row is a
                  request) and off
   batched        ``ds.map(score_instruction, batched=True, batch_size=--batch-size, fn_kwargs=...)``, cache on/off
   bare map       an async per-row ``Dataset.map`` over plain aiohttp, no synthq code (what datasets itself costs)
 
-THE TARGET (the spine issue: ≥ 0.7 of raw, 0.8 stretch) is the batched form with the cache on, under datasets'
-default settings: per-row async ``map`` in datasets 5.2 calls ``asyncio.wait`` over every pending task for each
-row it adds (O(pending) per row), which alone keeps the per-row form far below raw (see "bare map").
+THE TARGET (the spine issue: ≥ 0.7 of raw aiohttp, 0.8 stretch) is the batched form with the cache on, under
+datasets' default settings: per-row async ``map`` in datasets 5.2 calls ``asyncio.wait`` over every pending task
+for each row it adds (O(pending) per row), which alone keeps a per-row map over aiohttp far below raw (see
+"bare map"). The stages beat raw aiohttp because their transport is leaner (``synthq_hf/http.py``: ~35 µs of CPU
+a request against aiohttp's ~150) and because the endpoint keeps the garbage collector off the pre-existing heap
+while requests run (``endpoint.hold_heap``: without it, full collections walking datasets' ~120k objects cost
+~85 µs a row).
 
 Each is run ``--repeat`` times and the best is kept; CPU µs/row (this process, cache writer thread included) is
 printed too, as it is far steadier than wall time on a shared machine. The map runs are repeated under each
@@ -177,6 +184,24 @@ async def _raw(url: str, bodies: list[bytes], concurrency: int) -> None:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
+async def _raw_pool(base: str, bodies: list[bytes], concurrency: int) -> None:
+    from synthq_hf.http import Pool
+
+    rows = iter(bodies)
+    pool = Pool(base)
+
+    async def worker() -> None:
+        for body in rows:
+            resp = await pool.request("POST", "/v1/chat/completions", body)
+            data = orjson.loads(resp.body)
+            assert data["choices"][0]["message"]["content"]
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        pool.close()
+
+
 def timed(rows: int, work) -> tuple[float, float]:
     """(rows per wall second, CPU µs per row of this process: steadier than wall time on a busy machine)."""
     wall, cpu = time.perf_counter(), time.process_time()
@@ -187,6 +212,10 @@ def timed(rows: int, work) -> tuple[float, float]:
 
 def run_raw(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, float]:
     return timed(len(bodies), lambda: asyncio.run(_raw(url + "/v1/chat/completions", bodies, concurrency)))
+
+
+def run_raw_pool(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, float]:
+    return timed(len(bodies), lambda: asyncio.run(_raw_pool(url, bodies, concurrency)))
 
 
 def run_stage(url: str, prompts: list[str], concurrency: int, cache: bool, batch_size: int = 0) -> tuple[float, float]:
@@ -290,14 +319,15 @@ def main() -> None:
         c, bs = args.concurrency, args.batch_size
         work = {
             "raw": lambda: run_raw(url, bodies, c),
+            "raw-http": lambda: run_raw_pool(url, bodies, c),
             "row+cache": lambda: run_stage(url, prompts, c, cache=True),
             "row": lambda: run_stage(url, prompts, c, cache=False),
             "batched+cache": lambda: run_stage(url, prompts, c, cache=True, batch_size=bs),
             "batched": lambda: run_stage(url, prompts, c, cache=False, batch_size=bs),
             "bare": lambda: run_bare_map(url, prompts, bodies, c),
         }
-        plan = [("raw", None)] if "raw" in only else []
-        plan += [(name, n) for n in settings for name in RUNS if name in only and name != "raw"]
+        plan = [(name, None) for name in ("raw", "raw-http") if name in only]
+        plan += [(name, n) for n in settings for name in RUNS if name in only and not name.startswith("raw")]
         best: dict[tuple, tuple[float, float]] = {}
         for rep in range(args.repeat):
             for name, parallel in plan:
@@ -320,6 +350,9 @@ def main() -> None:
     raw = best.get(("raw", None), (0.0, 0.0))[0]
     if raw:
         print(_line("raw", None, *best[("raw", None)]))
+    if ("raw-http", None) in best:
+        rate, cpu_us = best[("raw-http", None)]
+        print(_line("raw-http", None, rate, cpu_us) + (f"  {rate / raw:.2f} of raw" if raw else ""))
     for parallel in settings:
         print(f"[MAX_NUM_RUNNING_ASYNC_MAP_FUNCTIONS_IN_PARALLEL = {parallel}]")
         for name in RUNS:
@@ -333,6 +366,7 @@ def main() -> None:
 #: What each measurement is (see the module docstring), in print order.
 RUNS = {
     "raw": "raw aiohttp",
+    "raw-http": "raw synthq http",
     "row+cache": "per-row, cache on",
     "row": "per-row, cache off",
     "batched+cache": "batched, cache on",
@@ -343,7 +377,7 @@ RUNS = {
 
 def _line(name: str, parallel: int | None, rate: float, cpu_us: float) -> str:
     label = RUNS[name] + (f" [{parallel}]" if parallel is not None else "")
-    unit = "req/s" if name == "raw" else "rows/s"
+    unit = "req/s" if name.startswith("raw") else "rows/s"
     return f"{label:<26} {rate:8,.0f} {unit:<6} {cpu_us:5.0f} µs CPU/row"
 
 
