@@ -163,6 +163,12 @@ def test_chunked_reply_is_reassembled(serve):
     assert server.connections == 1
 
 
+def test_informational_reply_is_skipped(serve):
+    server = serve(lambda i, req: (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + reply(), False))
+    out = run(requests(Pool(server.url), 2))
+    assert [(r.status, r.body) for r in out] == [(200, OK_JSON), (200, OK_JSON)]
+
+
 def test_gzip_reply_sent_anyway_is_decoded(serve):
     server = serve(lambda i, req: (reply(gzip.compress(OK_JSON), b"Content-Encoding: gzip"), False))
     (out,) = run(requests(Pool(server.url), 1))
