@@ -239,8 +239,9 @@ class Pool:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        fresh = False
         while True:
-            conn = self._idle_connection()
+            conn = None if fresh else self._idle_connection()
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(deadline - loop.time())
@@ -255,7 +256,8 @@ class Pool:
                 response = await conn.exchange(data)
             except ConnectionError:
                 if reused and not conn.replied:
-                    continue  # closed by the server while idle: send it again on a fresh connection
+                    fresh = True  # closed by the server while idle: send it once more, on a new connection
+                    continue
                 raise
             finally:
                 busy.discard(conn)

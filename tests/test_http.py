@@ -221,6 +221,23 @@ def test_reused_connection_closed_as_the_request_goes_out_is_retried_once(serve)
     assert server.connections == 2
 
 
+def test_the_resend_goes_to_a_new_connection_not_another_kept_alive_one(serve):
+    """Kept-alive connections die together (a server restart): the one re-send must not gamble on a second one."""
+    server = serve(lambda i, req: (b"", True) if i == 2 else (reply(b'{"n": %d}' % i), False))
+
+    async def go():
+        pool = Pool(server.url)
+        try:
+            await asyncio.gather(pool.request("POST", "/x", b"{}"), pool.request("POST", "/x", b"{}"))
+            return await pool.request("POST", "/x", b"{}")
+        finally:
+            pool.close()
+
+    assert run(go()).body == b'{"n": 3}'
+    assert len(server.requests) == 4
+    assert server.connections == 3  # two kept alive, then one new for the re-send
+
+
 def test_reset_before_any_reply_on_a_new_connection_is_an_error(serve):
     server = serve(lambda i, req: (b"", True))  # read the request, close without a byte
     with pytest.raises(ConnectionError):
