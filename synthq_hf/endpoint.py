@@ -5,8 +5,8 @@ call :func:`get_client` inside the running event loop. ``datasets.map`` makes a 
 belong to the loop that opened them, so there is one live client per (loop, config).
 
 Why not huggingface_hub / aiohttp / tenacity on the hot path: measured here against a zero-latency stub,
-``AsyncInferenceClient`` does ~800 req/s, aiohttp ~6,000 (~150 µs of CPU a request) and :mod:`synthq_hf.http`
-(an asyncio protocol over the llhttp parser) ~25,000 (~35 µs); a tenacity ``AsyncRetrying`` block costs ~40 µs
+``AsyncInferenceClient`` does ~800 req/s, aiohttp ~7,000 (~140 µs of CPU a request) and :mod:`synthq_hf.http`
+(an asyncio protocol over the llhttp parser) ~40,000 (~25 µs); a tenacity ``AsyncRetrying`` block costs ~40 µs
 per call. The retry loop below is a plain ``for`` with full-jitter exponential backoff; huggingface_hub is still
 used for the token (``get_token()``). The speed target and its figures: ``scripts/bench/client_ceiling.py``.
 """

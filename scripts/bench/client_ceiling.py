@@ -16,8 +16,8 @@ Then, in one process run, side by side:
 THE TARGET (the spine issue: ≥ 0.7 of raw aiohttp, 0.8 stretch) is the batched form with the cache on, under
 datasets' default settings: per-row async ``map`` in datasets 5.2 calls ``asyncio.wait`` over every pending task
 for each row it adds (O(pending) per row), which alone keeps a per-row map over aiohttp far below raw (see
-"bare map"). The stages beat raw aiohttp because their transport is leaner (``synthq_hf/http.py``: ~35 µs of CPU
-a request against aiohttp's ~150) and because the endpoint keeps the garbage collector off the pre-existing heap
+"bare map"). The stages beat raw aiohttp because their transport is leaner (``synthq_hf/http.py``: ~25 µs of CPU
+a request against aiohttp's ~140) and because the endpoint keeps the garbage collector off the pre-existing heap
 while requests run (``endpoint.hold_heap``: without it, full collections walking datasets' ~120k objects cost
 ~85 µs a row).
 
