@@ -421,13 +421,13 @@ class EndpointClient:
             hold_heap()
         self._active += 1
 
-    async def _leave(self) -> None:
+    def _leave(self) -> None:
         self._active -= 1
         if self._active == 0:
             release_heap()
-            await self._idle()
+            self._idle()
 
-    async def _idle(self) -> None:
+    def _idle(self) -> None:
         """Nothing in flight (usually: the map is done). ``datasets`` never closes its loop, so close the
         connections here; and commit the cache now, since a ``num_proc`` worker may be terminated before the
         writer's next tick.
@@ -435,10 +435,6 @@ class EndpointClient:
         if self._active == 0 and self._pool is not None:
             pool, self._pool = self._pool, None
             pool.close()
-            # One loop turn lets the transports finish closing (asyncio schedules that with call_soon). Without
-            # it a map's loop stops with half-closed transports pointing at it, and the loop, kept in that
-            # cycle, is later finalised after its own self-pipe socket ("Invalid file descriptor: -1").
-            await asyncio.sleep(0)
         if self.cache is not None:
             self.cache.flush()
 
@@ -484,7 +480,7 @@ class EndpointClient:
         try:
             return await detect_server(self._pool_now(), self.config, self._base)
         finally:
-            await self._leave()
+            self._leave()
 
     # -- the request loop -----------------------------------------------------------------------------------
     async def post(self, route: str, payload: dict, *, stage: str, cache_key: dict | None = None) -> tuple[Any, bool]:
@@ -559,7 +555,7 @@ class EndpointClient:
             usage.failures += 1
             raise RequestFailed(self._redact(f"POST {url} failed after {config.max_retries + 1} attempts: {last}"))
         finally:
-            await self._leave()
+            self._leave()
 
     # -- routes -----------------------------------------------------------------------------------------------
     async def chat(
