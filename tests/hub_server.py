@@ -22,17 +22,16 @@ and can fail the next N commit calls with 429 / 412 (optionally with ``Retry-Aft
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
 import secrets
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from aiohttp import web
+from app_server import AppServer
 
 LFS_SUFFIXES = {".parquet", ".arrow", ".png", ".jpg", ".gz", ".zip", ".bin", ".safetensors"}  # cf. .gitattributes
 
@@ -54,7 +53,7 @@ class Repo:
     commits: list[Commit] = field(default_factory=list)
 
 
-class HubServer:
+class HubServer(AppServer):
     """``with HubServer(token="hf_x") as hub: hub.url``; inspect ``hub.repos``, ``hub.requests``, ``hub.unknown``."""
 
     def __init__(self, token: str, user: str = "tester"):
@@ -66,9 +65,6 @@ class HubServer:
         self.unknown: list[tuple[str, str]] = []  # routes this stand-in does not implement
         self.commit_calls = 0
         self._commit_faults: deque[tuple[int, str | None, str | None]] = deque()
-        self.url = ""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._upload_secret = secrets.token_hex(8)
 
     def fail_next_commits(
@@ -243,36 +239,3 @@ class HubServer:
         app.router.add_put("/lfs-objects/{oid}", self._lfs_put)
         app.router.add_route("*", "/{tail:.*}", self._unknown)
         return app
-
-    # -- lifecycle ----------------------------------------------------------------------------------------------
-    def start(self) -> HubServer:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = self._loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            runner = web.AppRunner(self._app(), access_log=None)
-            loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            loop.run_until_complete(site.start())
-            self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-
-    def __enter__(self) -> HubServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import threading
 from collections import deque
 from typing import Any
 
 from aiohttp import web
+from app_server import AppServer
 
 
 def instance_of(schema: dict, rng: random.Random | None = None) -> Any:
@@ -57,7 +57,7 @@ def schema_of(payload: dict) -> dict | None:
     return None
 
 
-class StubServer:
+class StubServer(AppServer):
     """Run with ``with StubServer(dialect="tgi") as stub: stub.url``; inspect ``stub.requests``."""
 
     def __init__(
@@ -80,10 +80,6 @@ class StubServer:
         self.overload_at: int | None = None  # answer 429 whenever more than this many are in flight
         self.delay_s = 0.0
         self.seeded_replies = False  # vary enum choices with the request's seed (see instance_of)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
-        self.url = ""
 
     # -- scripting ----------------------------------------------------------------------------------------
     def queue(self, *actions: Any) -> None:
@@ -231,37 +227,3 @@ class StubServer:
             )
 
         return await self._guarded(request, reply)
-
-    # -- lifecycle ----------------------------------------------------------------------------------------
-    def start(self) -> StubServer:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = self._loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            self._runner = web.AppRunner(self._app(), access_log=None)
-            loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            loop.run_until_complete(site.start())
-            port = site._server.sockets[0].getsockname()[1]
-            self.url = f"http://127.0.0.1:{port}"
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-
-    def __enter__(self) -> StubServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import datasets
 import pytest
 from aiohttp import web
+from app_server import AppServer
 from datasets import Dataset, IterableDataset
 
 from synthq_hf.search import (
@@ -202,17 +202,13 @@ def test_wrong_column_types_are_column_errors(index_dir: Path) -> None:
 BRAVE_KEY = "test-brave-key-5ecret"
 
 
-class SearchSite:
+class SearchSite(AppServer):
     """A local HTTP server: SearxNG's ``/search?format=json``, Brave's ``/res/v1/web/search``, article pages,
     and pages that fail in the ways real sites do. Runs its own event loop in a thread."""
 
     def __init__(self) -> None:
         self.hits: Counter[str] = Counter()
         self.seen_headers: list[dict[str, str]] = []
-        self.url = ""
-        self._ready = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def results(self) -> list[dict[str, str]]:
         return [
@@ -321,8 +317,7 @@ class SearchSite:
     async def plain(self, request: web.Request) -> web.Response:
         return web.Response(text="Plain text notes on tidal power.\n", content_type="text/plain")
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
+    def _app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/search", self.searxng)
         app.router.add_get("/res/v1/web/search", self.brave)
@@ -333,25 +328,7 @@ class SearchSite:
         app.router.add_get("/big-chunked.html", self.big_chunked)
         app.router.add_get("/slow.html", self.slow)
         app.router.add_get("/notes.txt", self.plain)
-        self._runner = web.AppRunner(app)
-        self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
-        port = site._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self._ready.set()
-        self._loop.run_forever()
-        self._loop.close()
-
-    def __enter__(self) -> SearchSite:
-        self._thread.start()
-        assert self._ready.wait(10), "local search site did not start"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        return app
 
 
 @pytest.fixture
