@@ -64,6 +64,24 @@ def index_dir(tmp_path: Path, corpus: Path) -> Path:
 
 
 # -- BM25 index ---------------------------------------------------------------------------------------------------
+def test_tied_scores_rank_by_document_id_whatever_the_build_order(tmp_path: Path) -> None:
+    """Two builds of one corpus must ground a seed in the same document: equal BM25 scores break by id, not by
+    where the build happened to put each document (input order, threads, segments)."""
+    twins = [
+        {"doc": f"twin-{i:02d}", "body": "Tidal locking keeps one face of the Moon toward Earth."} for i in range(12)
+    ]
+    other = [{"doc": f"other-{i:03d}", "body": f"Unrelated note {i} about gardening and soil."} for i in range(300)]
+    rows = other[:150] + twins + other[150:]
+    results = []
+    for name, order in (("forward", rows), ("reversed", rows[::-1])):
+        source = write_jsonl(tmp_path / f"{name}.jsonl", order)
+        build_index(str(source), text_column="body", out=tmp_path / name, id_column="doc", progress=False)
+        index = load_index(tmp_path / name)
+        results.append([(h.document_id, h.score) for h in index.search_sync("tidal locking moon", k=5)])
+    assert results[0] == results[1]
+    assert [doc for doc, _ in results[0]] == [f"twin-{i:02d}" for i in range(5)]
+
+
 def test_build_then_query_returns_the_stored_document(index_dir: Path) -> None:
     index = load_index(index_dir)
     assert index.meta["documents"] == len(DOCS) - 1 and index.meta["skipped_empty"] == 1

@@ -254,10 +254,15 @@ class Bm25Index:
         if not words or k <= 0:
             return []
         parsed = self._index.parse_query(" ".join(words), ["text"])
-        return [
-            IndexHit(self._searcher, address, score)
-            for score, address in self._searcher.search(parsed, k, count=False).hits
-        ]
+        found = self._searcher.search(parsed, k, count=False).hits
+        fetch = k
+        # Documents that tie with the k-th may lie past the cut, and which of them tantivy returns depends on how
+        # the build laid out its segments (threads, merges): fetch until the cut falls between two scores.
+        while len(found) == fetch and found[-1][0] == found[k - 1][0]:
+            fetch *= 4
+            found = self._searcher.search(parsed, fetch, count=False).hits
+        hits = [IndexHit(self._searcher, address, score) for score, address in found]
+        return rank(hits)[:k]
 
     async def search(self, query: str, k: int = 10) -> list[IndexHit]:
         """The backend interface (:class:`synthq_hf.search.SearchBackend`), in a worker thread: tantivy lets go
@@ -270,6 +275,17 @@ class Bm25Index:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(threads or os.cpu_count() or 1, thread_name_prefix="synthq-bm25")
         return list(self._pool.map(lambda q: self.search_sync(q, k), queries, chunksize=64))
+
+
+def rank(hits: list[IndexHit]) -> list[IndexHit]:
+    """Best score first; equal scores by ``document_id``, so every build of one corpus ranks alike.
+
+    Only tied hits have their stored id read (hits load their fields lazily, and ties are rare in prose).
+    """
+    seen: dict[float, int] = {}
+    for hit in hits:
+        seen[hit.score] = seen.get(hit.score, 0) + 1
+    return sorted(hits, key=lambda h: (-h.score, h.document_id if seen[h.score] > 1 else ""))
 
 
 _INDEXES: dict[tuple[int, str], Bm25Index] = {}
