@@ -196,31 +196,52 @@ class Reply:
 
 
 class AdaptiveLimiter:
-    """Caps requests in flight; halves the cap on 429/503, trims it when latency climbs, grows it back.
+    """Caps requests in flight; cuts the cap on 429/503, trims it when latency climbs, grows it back.
 
     Servers like TGI refuse (429) when overloaded, but vLLM and llama.cpp saturate by queueing, so latency is the
     only signal there. Latency is normalised per completion token and compared with the best seen recently;
     anything under ``latency_floor_s`` is never called congestion (that is client-side noise, not a server queue).
+
+    Refusals converge instead of oscillating (measured: a cut at most every 0.5 s let the cap climb back between
+    cuts, and 70 % of requests to a server refusing above 8 in flight were refused):
+
+    - *One cut per window.* Every cut starts a new epoch; a refusal of a request sent before the last cut says
+      nothing new (it was sent under the old cap) and is ignored, however many of them come back.
+    - *A gentle cut, a remembered ceiling.* A refusal sets ``ceiling`` to the cap that was refused and cuts to
+      ``OVERLOAD_CUT`` of it (not half: a sawtooth between W/2 and W serves 75 % of what the server can). Below
+      ``ceiling - 1`` the cap grows back quickly (one slot per window of answers); near the ceiling it probes
+      ``PROBE_SLOWDOWN`` times slower, so a refusal comes only every few windows; above it (the server grew), quickly
+      again.
+    - *Retry-After holds everyone.* A rate-limited API that says when to come back gets no request before then.
     """
+
+    OVERLOAD_CUT = 0.75
+    PROBE_SLOWDOWN = 12
 
     def __init__(self, cap: int, *, latency_tolerance: float = 3.0, latency_floor_s: float = 0.25):
         self.cap = max(1, cap)
         self.limit = float(self.cap)
         self.inflight = 0
+        self.epoch = 0  # cuts so far; a request remembers the epoch it was sent in
+        self.ceiling: float | None = None  # the cap last refused by the server
         self.latency_tolerance = latency_tolerance
         self.latency_floor_s = latency_floor_s
         self._waiters: deque[asyncio.Future] = deque()
         self._last_cut = 0.0
+        self._hold_until = 0.0
+        self._hold_timer: asyncio.TimerHandle | None = None
         self._baseline: float | None = None
         self._recent: float | None = None
         self.min_limit_by_latency = max(1, self.cap // 16)
 
-    async def acquire(self) -> None:
-        if self.inflight < int(self.limit) and not self._waiters:
+    async def acquire(self) -> int:
+        """Wait for a slot; returns the epoch the request goes out in (pass it to :meth:`on_overload`)."""
+        if self.inflight < int(self.limit) and not self._waiters and not self._hold_until:
             self.inflight += 1
-            return
+            return self.epoch
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
+        self._wake()
         try:
             await fut
         except asyncio.CancelledError:
@@ -232,23 +253,40 @@ class AdaptiveLimiter:
                 except ValueError:
                     pass
             raise
+        return self.epoch
 
     def release(self) -> None:
         self.inflight -= 1
         self._wake()
 
     def _wake(self) -> None:
+        if self._hold_until:
+            wait = self._hold_until - time.monotonic()
+            if wait > 0:
+                if self._hold_timer is None and self._waiters:
+                    self._hold_timer = asyncio.get_running_loop().call_later(wait, self._end_hold)
+                return
+            self._hold_until = 0.0
         while self._waiters and self.inflight < int(self.limit):
             fut = self._waiters.popleft()
             if not fut.done():
                 self.inflight += 1
                 fut.set_result(None)
 
-    def on_overload(self) -> None:
-        now = time.monotonic()
-        if now - self._last_cut > 0.5:
-            self._last_cut = now
-            self.limit = max(1.0, self.limit * 0.5)
+    def _end_hold(self) -> None:
+        self._hold_timer = None
+        self._wake()
+
+    def on_overload(self, sent_epoch: int | None = None, retry_after: float | None = None) -> None:
+        """A 429/503 for a request sent in ``sent_epoch`` (``None``: count it whenever it was sent)."""
+        if retry_after:
+            self._hold_until = max(self._hold_until, time.monotonic() + retry_after)
+        if sent_epoch is not None and sent_epoch < self.epoch:
+            return  # sent under a cap that has been cut since: this refusal is already accounted for
+        self.epoch += 1
+        self._last_cut = time.monotonic()
+        self.ceiling = self.limit
+        self.limit = max(1.0, float(int(self.limit * self.OVERLOAD_CUT)))
 
     def on_success(self, latency_s: float, completion_tokens: int) -> None:
         per_token = latency_s / (completion_tokens + 1)
@@ -268,7 +306,11 @@ class AdaptiveLimiter:
                 self._last_cut = now
                 self.limit = max(float(self.min_limit_by_latency), self.limit * 0.9)
         elif self.limit < self.cap:
-            self.limit = min(float(self.cap), self.limit + 1.0 / self.limit)
+            step = 1.0 / self.limit  # one slot per window of answers
+            ceiling = self.ceiling
+            if ceiling is not None and ceiling - 1.0 <= self.limit < ceiling + 1.0:
+                step /= self.PROBE_SLOWDOWN  # near the cap the server refused: probe, do not charge
+            self.limit = min(float(self.cap), self.limit + step)
             self._wake()
 
 
@@ -510,7 +552,7 @@ class EndpointClient:
             for attempt in range(config.max_retries + 1):
                 if attempt:
                     usage.retries += 1
-                await limiter.acquire()
+                epoch = await limiter.acquire()
                 start = time.monotonic()
                 retry_after = None
                 try:
@@ -531,8 +573,8 @@ class EndpointClient:
                         return data, False
                     last = f"HTTP {status}: {_snippet(raw)}"
                     if status in (429, 503):
-                        limiter.on_overload()
                         retry_after = _retry_after(resp.header("retry-after"))
+                        limiter.on_overload(epoch, retry_after)
                     elif status in (401, 403):
                         raise EndpointError(
                             f"{url} refused the credentials (HTTP {status}); set HF_TOKEN / log in with "

@@ -13,18 +13,27 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections import deque
 from typing import Any
 
 from aiohttp import web
 from app_server import AppServer
 
+#: Words for :func:`instance_of`'s varied strings: enough of them that two requests' texts rarely look alike.
+WORDS = (
+    "river orbit ledger violin basalt pepper glacier invoice sonnet kernel harbor quartz mural tariff lantern "
+    "enzyme compass saddle meadow circuit canyon walnut beacon fossil turbine pigment marble thistle vapor cobalt "
+    "prairie lattice monsoon ember syntax ferry orchard plasma granite willow cipher tundra velvet parcel"
+).split()
 
-def instance_of(schema: dict, rng: random.Random | None = None) -> Any:
+
+def instance_of(schema: dict, rng: random.Random | None = None, varied: bool = False) -> Any:
     """Smallest value that validates against a (ref-free) JSON schema: what a constrained decoder would emit.
 
     With ``rng`` (seeded from the request's seed), enum choices vary like a sampling model's would, so tests can
-    tell whether two runs got the same answers for the same requests.
+    tell whether two runs got the same answers for the same requests; with ``varied`` too, strings are a dozen
+    words drawn by ``rng``, so rows get texts of their own (dedup keeps them apart) that a rerun reproduces.
     """
     if "enum" in schema:
         return rng.choice(schema["enum"]) if rng is not None else schema["enum"][-1]
@@ -32,11 +41,14 @@ def instance_of(schema: dict, rng: random.Random | None = None) -> Any:
         return schema["const"]
     kind = schema.get("type")
     if "anyOf" in schema:
-        return instance_of(schema["anyOf"][0], rng)
+        return instance_of(schema["anyOf"][0], rng, varied)
     if kind == "object":
-        return {name: instance_of(sub, rng) for name, sub in schema.get("properties", {}).items()}
+        return {name: instance_of(sub, rng, varied) for name, sub in schema.get("properties", {}).items()}
     if kind == "array":
-        return [instance_of(schema["items"], rng)] * max(1, schema.get("minItems", 1))
+        return [instance_of(schema["items"], rng, varied)] * max(1, schema.get("minItems", 1))
+    if kind == "string" and varied and rng is not None:
+        text = " ".join(rng.choice(WORDS) for _ in range(12)).ljust(schema.get("minLength", 1), "o")
+        return text[: schema.get("maxLength", len(text))].strip() or "ok"
     if kind == "string":
         return "ok" * max(1, schema.get("minLength", 1))
     if kind in ("integer", "number"):
@@ -55,6 +67,10 @@ def schema_of(payload: dict) -> dict | None:
     if fmt.get("type") == "json":
         return fmt.get("value")
     return None
+
+
+#: What ``fault_rate`` injects: refusals, a dropped connection, a reply too slow to wait for, broken JSON.
+FAULTS = ("429", "503", "reset", "timeout", "malformed")
 
 
 class StubServer(AppServer):
@@ -78,8 +94,18 @@ class StubServer(AppServer):
         self.inflight = 0
         self.peak_inflight = 0
         self.overload_at: int | None = None  # answer 429 whenever more than this many are in flight
+        self.overloaded: list[int] = []  # the indexes in ``requests`` of those refused for ``overload_at``
         self.delay_s = 0.0
         self.seeded_replies = False  # vary enum choices with the request's seed (see instance_of)
+        self.varied_text = False  # with seeded_replies: strings too, a dozen seeded words (see instance_of)
+        self.retry_after: str | None = None  # a Retry-After header on every 429/503 it answers
+        # Random faults: this share of generation requests (with no scripted action) get one of FAULTS, drawn
+        # from a seeded generator; ``faults_injected`` counts them by kind.
+        self.fault_rate = 0.0
+        self.fault_sleep_s = 2.0  # how long an injected "timeout" holds the reply (longer than the client waits)
+        self.faults_injected: dict[str, int] = {}
+        self._fault_rng = random.Random(0)
+        self.arrivals: list[float] = []  # time.monotonic() at which each entry of ``requests`` arrived
 
     # -- scripting ----------------------------------------------------------------------------------------
     def queue(self, *actions: Any) -> None:
@@ -146,6 +172,7 @@ class StubServer(AppServer):
     def _record(self, request: web.Request, payload: dict) -> None:
         self.requests.append((request.path, payload))
         self.headers.append(dict(request.headers))
+        self.arrivals.append(time.monotonic())
 
     async def _tokenize(self, request: web.Request) -> web.Response:
         payload = await request.json()
@@ -163,14 +190,23 @@ class StubServer(AppServer):
         self.peak_inflight = max(self.peak_inflight, self.inflight)
         try:
             if self.overload_at is not None and self.inflight > self.overload_at:
-                return web.json_response({"error": "Model is overloaded"}, status=429)
+                self.overloaded.append(len(self.requests) - 1)
+                return web.json_response({"error": "Model is overloaded"}, status=429, headers=self._retry_header())
             action = self._script.popleft() if self._script else None
+            if action is None and self.fault_rate and self._fault_rng.random() < self.fault_rate:
+                kind = self._fault_rng.choice(FAULTS)
+                self.faults_injected[kind] = self.faults_injected.get(kind, 0) + 1
+                action = {"429": ("status", 429), "503": ("status", 503), "timeout": ("sleep", self.fault_sleep_s)}.get(
+                    kind, kind
+                )
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             if isinstance(action, tuple) and action[0] == "status" and len(action) > 2:
-                return web.Response(text=action[2], status=action[1])
+                return web.Response(text=action[2], status=action[1], headers=self._retry_header(action[1]))
             if isinstance(action, tuple) and action[0] == "status":
-                return web.json_response({"error": f"injected {action[1]}"}, status=action[1])
+                return web.json_response(
+                    {"error": f"injected {action[1]}"}, status=action[1], headers=self._retry_header(action[1])
+                )
             if isinstance(action, tuple) and action[0] == "sleep":
                 await asyncio.sleep(action[1])
                 action = None
@@ -188,12 +224,15 @@ class StubServer(AppServer):
         finally:
             self.inflight -= 1
 
+    def _retry_header(self, status: int = 429) -> dict[str, str]:
+        return {"Retry-After": self.retry_after} if self.retry_after and status in (429, 503) else {}
+
     def _content_for(self, payload: dict, content: str | None) -> str:
         if content is not None:
             return content
         schema = schema_of(payload)
         rng = random.Random(payload.get("seed")) if self.seeded_replies else None
-        return json.dumps(instance_of(schema, rng)) if schema else "stub reply"
+        return json.dumps(instance_of(schema, rng, self.varied_text)) if schema else "stub reply"
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         def reply(payload: dict, content: str | None, finish: str) -> web.Response:
