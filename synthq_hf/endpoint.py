@@ -451,6 +451,9 @@ class EndpointClient:
         self.cache: RequestCache | None = get_cache(config.cache_path) if config.cache else None
         self._params = config.generation_params
         self._active = 0
+        #: cache key → the answer of that request while it is in flight: identical requests made meanwhile wait
+        #: for it instead of going out again (rows counting one demonstration's tokens all start at once).
+        self._flying: dict[bytes, asyncio.Future[bytes]] = {}
 
     # -- plumbing -------------------------------------------------------------------------------------------
     def _pool_now(self) -> Pool:
@@ -536,13 +539,43 @@ class EndpointClient:
         usage = usage_for(stage)
         cache = self.cache
         body = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
-        key = b""
-        if cache is not None:
-            key = body_key(route, body) if cache_key is None else request_key(route, cache_key)
-            hit = cache.get(key)
-            if hit is not None:
-                usage.cache_hits += 1
-                return orjson.loads(hit), True
+        if cache is None:
+            data, _ = await self._send(info, route, body, usage, b"")
+            return data, False
+        key = body_key(route, body) if cache_key is None else request_key(route, cache_key)
+        hit = cache.get(key)
+        if hit is not None:
+            usage.cache_hits += 1
+            return orjson.loads(hit), True
+        flying = self._flying.get(key)
+        if flying is not None:  # the same request is in flight: its answer is this one's
+            try:
+                raw = await asyncio.shield(flying)
+            except asyncio.CancelledError:
+                if not flying.cancelled():
+                    raise  # this caller was cancelled
+                return await self.post(route, payload, stage=stage, cache_key=cache_key)  # the sender was
+            usage.cache_hits += 1
+            return orjson.loads(raw), True
+        flying = self._flying[key] = asyncio.get_running_loop().create_future()
+        try:
+            data, raw = await self._send(info, route, body, usage, key)
+        except BaseException as err:
+            if isinstance(err, asyncio.CancelledError):
+                flying.cancel()
+            else:
+                flying.set_exception(err)
+                flying.exception()  # retrieved: nobody may be waiting
+            raise
+        else:
+            flying.set_result(raw)
+        finally:
+            del self._flying[key]
+        return data, False
+
+    async def _send(self, info: ServerInfo, route: str, body: bytes, usage: Usage, key: bytes) -> tuple[Any, bytes]:
+        """The request loop: limiter slot, POST, retries with backoff; stores the answer under ``key``."""
+        cache = self.cache
         url = info.base_url + route
         limiter = self.limiter
         config = self.config
@@ -570,7 +603,7 @@ class EndpointClient:
                         limiter.on_success(latency, tokens[1])
                         if cache is not None:
                             cache.put(key, raw)
-                        return data, False
+                        return data, raw
                     last = f"HTTP {status}: {_snippet(raw)}"
                     if status in (429, 503):
                         retry_after = _retry_after(resp.header("retry-after"))

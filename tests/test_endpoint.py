@@ -560,6 +560,30 @@ def test_overloaded_server_shrinks_the_limit_and_everything_succeeds(stub, make_
     assert stub.count("/v1/chat/completions") == total + usage.retries
 
 
+def test_identical_requests_in_flight_go_out_once(stub, make_config, stage):
+    """Rows that ask the same thing at the same moment (every row counting one demonstration's tokens) share one
+    request; a failure is shared too, and with the cache off nothing is shared."""
+    stub.delay_s = 0.05
+
+    async def go(config, n=10):
+        client = get_client(config)
+        return await asyncio.gather(
+            *(client.chat(MESSAGES, stage=stage, row_id="same") for _ in range(n)), return_exceptions=True
+        )
+
+    replies = asyncio.run(go(make_config(stub.url)))
+    assert [r.text for r in replies] == ["stub reply"] * 10
+    assert stub.count("/v1/chat/completions") == 1
+    assert sum(r.cached for r in replies) == 9
+
+    stub.queue(("status", 400))
+    failed = asyncio.run(go(make_config(stub.url, seed=1)))
+    assert all(isinstance(r, RequestFailed) for r in failed) and stub.count("/v1/chat/completions") == 2
+
+    asyncio.run(go(make_config(stub.url, cache=False), n=3))
+    assert stub.count("/v1/chat/completions") == 5
+
+
 def test_without_info_the_limit_settles_below_the_servers_capacity(stub, make_config, stage):
     """No /info, a server refusing above 4 in flight: once the first burst is over, almost nothing is refused
     (measured with the old halving at most every 0.5 s: over half of the requests were refused, and stayed so)."""
