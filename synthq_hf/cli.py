@@ -18,9 +18,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     from synthq_hf.endpoint import USAGE, EndpointConfig
     from synthq_hf.inputs import check_jsonl
     from synthq_hf.stages import output_features, score_instruction
+    from synthq_hf.stages._common import has_id, with_id
 
     source = Path(args.input) if args.input else BUNDLED_SAMPLE
-    check_jsonl(source)
+    if check_jsonl(source, text_column=args.column) == 0:
+        raise ValueError(f"input file {source} is empty (no rows)")  # datasets would end in StopIteration
     out = output.prepare_folder(args.output, overwrite=args.overwrite)
     endpoint = EndpointConfig(
         url=args.endpoint,
@@ -35,6 +37,14 @@ def cmd_score(args: argparse.Namespace) -> int:
         rows = rows.select(range(min(args.limit, len(rows))))
     if args.column != "prompt":
         rows = rows.rename_column(args.column, "prompt")
+    derived = sum(not has_id(row) for row in rows.select_columns(["id"])) if "id" in rows.column_names else len(rows)
+    rows = rows.map(
+        with_id,
+        fn_kwargs={"text_column": "prompt"},
+        features=datasets.Features({**rows.features, "id": datasets.Value("string")}),
+        load_from_cache_file=False,
+        desc="ids",
+    )
     started = time.monotonic()
     scored = rows.map(
         score_instruction,
@@ -55,6 +65,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             "endpoint": {"url": args.endpoint, "model": args.model, "seed": args.seed},
             "rows": len(scored),
             "errors": failed,
+            "derived_ids": derived,
             "seconds": round(elapsed, 2),
             "prompt_hashes": {"score_instruction": prompts.prompt_hash("score_instruction")},
             "usage": usage,
@@ -66,7 +77,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         {"instructions": {"train": train_files}},
         f"# Scored instructions\n\n{len(scored)} instructions from `{source.name}` scored by synthq-hf's "
         f"`score_instruction` stage on seven yes/no complexity criteria ({failed} rows carry "
-        "`score_instruction_error` instead of scores). Endpoint, prompt hash and usage are in `run.json`.\n",
+        "`score_instruction_error` instead of scores). Endpoint, prompt hash and usage are in `run.json`.\n"
+        + (f"\n{derived} rows had no `id`; each got the hash of its text as id.\n" if derived else ""),
     )
     stats = USAGE.get("score_instruction")
     print(
@@ -202,6 +214,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: answers received so far are in the request cache; run again to resume", file=sys.stderr)
         return 130
+    finally:
+        close_abandoned_loops()
+
+
+def close_abandoned_loops() -> None:
+    """Close the event loops ``datasets`` leaves open, while everything they hold is still alive.
+
+    Its async ``map`` makes a new loop per call and never closes it. At exit the garbage collector then
+    finalises each loop together with its self-pipe socket, in no fixed order; socket first, and a run that
+    succeeded ends in ``Exception ignored in BaseEventLoop.__del__ … ValueError: Invalid file descriptor: -1``
+    (issue 9: seen with a corpus without ids, where the object graph happened to put the socket first).
+    """
+    import asyncio
+    import gc
+
+    for obj in gc.get_objects():
+        if issubclass(type(obj), asyncio.AbstractEventLoop) and not obj.is_running() and not obj.is_closed():
+            pending = [task for task in asyncio.all_tasks(obj) if not task.done()]
+            for task in pending:  # rows read ahead of a --limit: cancelled, not destroyed pending (a log line)
+                task.cancel()
+            if pending:
+                obj.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            obj.close()
 
 
 if __name__ == "__main__":

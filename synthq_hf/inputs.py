@@ -19,19 +19,45 @@ BUNDLED = {"seeds": "seeds.jsonl", "corpus": "corpus.jsonl", "sample_instruction
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
-def check_jsonl(path: str | os.PathLike) -> None:
-    """Fail on the first broken line with its number, before ``datasets`` turns it into a traceback wall."""
+def check_jsonl(path: str | os.PathLike, text_column: str | None = None) -> int:
+    """Fail on the first bad line with its number, before ``datasets`` turns it into a traceback wall (or, for a
+    non-string text, a whole-run failure naming no row); returns the number of rows.
+
+    A bad line: bytes that are not UTF-8, text that is not JSON, JSON that is not an object, or (with
+    ``text_column``) a text that is neither a string nor null. A file where no row has ``text_column`` is refused
+    too. Blank lines are skipped, as ``datasets`` skips them.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
+    rows, columns = 0, set()
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path} line {number} is not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                    "re-encode the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
-                json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path} line {number} is not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {number} is not a JSON object (got {type(row).__name__})")
+            text = row.get(text_column)
+            if text is not None and not isinstance(text, str):
+                raise ValueError(
+                    f"{path} line {number}: column {text_column!r} must hold a string, got {type(text).__name__}"
+                )
+            rows += 1
+            columns.update(row)
+    if text_column and rows and text_column not in columns:
+        raise ValueError(f"{path} has no column {text_column!r}; its columns are {', '.join(sorted(columns))}")
+    return rows
 
 
 def resolve_source(source: str) -> str:
@@ -50,9 +76,11 @@ def open_dataset(
     config: str | None = None,
     split: str = "train",
     streaming: bool = False,
+    text_column: str | None = None,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """A ``Dataset`` (or ``IterableDataset`` when ``streaming``) for a Hub name, a local folder, or local
-    file(s) / globs of one format (a list of them is read as one dataset)."""
+    file(s) / globs of one format (a list of them is read as one dataset). Local JSONL files are checked line by
+    line first (:func:`check_jsonl`, against ``text_column`` when given); all of them empty is refused."""
     sources = (
         [resolve_source(str(s)) for s in source] if isinstance(source, list | tuple) else [resolve_source(str(source))]
     )
@@ -68,9 +96,9 @@ def open_dataset(
             if not found:
                 raise FileNotFoundError(f"no such file {pattern}")
             files += found
-        for file in files:
-            if file.endswith(".jsonl"):
-                check_jsonl(file)
+        jsonl = [file for file in files if file.endswith(".jsonl")]
+        if sum(check_jsonl(file, text_column) for file in jsonl) == 0 and jsonl == files:
+            raise ValueError(f"input file {', '.join(files)} is empty (no rows)")  # datasets: StopIteration
         return datasets.load_dataset(LOCAL_BUILDERS[suffixes.pop()], data_files=files, split=split, streaming=streaming)
     if len(sources) != 1:
         raise ValueError(f"give one Hub dataset name or local files; got {sources}")

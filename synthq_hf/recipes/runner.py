@@ -32,6 +32,7 @@ from synthq_hf import output, prompts
 from synthq_hf.endpoint import USAGE, EndpointConfig, get_client
 from synthq_hf.inputs import open_dataset, resolve_source
 from synthq_hf.recipes.recipe import Recipe, RecipeError
+from synthq_hf.stages._common import has_id, with_id
 from synthq_hf.stages.reject import FEATURES as REJECT_FEATURES
 from synthq_hf.stages.reject import mark_rejected, split_rejected
 
@@ -137,6 +138,21 @@ def embed_and_balance(
 
 #: Diversity figures of the last :func:`embed_and_balance` (the card shows them).
 DIVERSITY: dict[str, float] = {}
+#: Rows per input (``seeds``, ``corpus``) of the last run that had no id and got the hash of their text.
+DERIVED_IDS: Counter[str] = Counter()
+
+
+def _fill_id(row: dict[str, Any], text_column: str, source: str) -> dict[str, str]:
+    if not has_id(row):
+        DERIVED_IDS[source] += 1
+    return with_id(row, text_column)
+
+
+def _with_ids(ds: Dataset | IterableDataset, text_column: str, source: str) -> Dataset | IterableDataset:
+    """Every row with a text ``id``: its own, else the hash its requests are seeded with (counted for the card).
+    Output rows can then always be named, e.g. by ``demonstration_ids`` and ``duplicate_of``."""
+    features = Features({**ds.features, "id": Value("string")})
+    return _map(ds, _fill_id, {"text_column": text_column, "source": source}, features, f"{source} ids")
 
 
 async def skip_rejected(row: dict[str, Any], _stage_fn: Callable, **kwargs: Any) -> dict[str, Any]:
@@ -268,7 +284,7 @@ def _index_for(recipe: Recipe) -> str:
     key = hashlib.blake2b(f"{Path(source).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode(), digest_size=8)
     folder = default_cache_path().parent / "indexes" / f"{Path(source).stem}-{key.hexdigest()}"
     if not folder.exists():  # build_index writes to <folder>.partial and renames: a folder is a finished index
-        columns = open_dataset(source, split=recipe.corpus.split).column_names
+        columns = open_dataset(source, split=recipe.corpus.split, text_column=recipe.corpus.text_column).column_names
         build_index(
             source,
             text_column=recipe.corpus.text_column,
@@ -303,11 +319,13 @@ def _describe_endpoints(recipe: Recipe) -> dict[str, dict[str, Any]]:
 
 
 def _demonstrations(recipe: Recipe, out: Path) -> tuple[Dataset, dict[str, str], list[dict[str, Any]], dict]:
-    seeds = open_dataset(recipe.seeds.dataset, config=recipe.seeds.config, split=recipe.seeds.split)
+    spec = recipe.seeds
+    seeds = open_dataset(spec.dataset, config=spec.config, split=spec.split, text_column=spec.text_column)
     if recipe.seeds.limit:
         seeds = seeds.select(range(min(recipe.seeds.limit, len(seeds))))
     if recipe.seeds.text_column != "prompt":
         seeds = seeds.rename_column(recipe.seeds.text_column, "prompt")
+    seeds = _with_ids(seeds, "prompt", "seeds")
     extra: dict[str, Any] = {}
     if "search_documents" in recipe.demonstrations:
         if recipe.search.backend == "web":
@@ -382,7 +400,9 @@ def _instructions(
 ) -> tuple[dict[str, str], list[dict[str, Any]], dict]:
     spec = recipe.corpus
     if corpus is None:
-        corpus = open_dataset(spec.dataset, config=spec.config, split=spec.split, streaming=spec.streaming)
+        corpus = open_dataset(
+            spec.dataset, config=spec.config, split=spec.split, streaming=spec.streaming, text_column=spec.text_column
+        )
     limit = limit or spec.limit
     if limit and isinstance(corpus, IterableDataset):
         corpus = corpus.take(limit)  # counts streamed rows; nothing past them is read
@@ -392,6 +412,7 @@ def _instructions(
         corpus = corpus._resolve_features()
     if spec.text_column != "document":
         corpus = corpus.rename_column(spec.text_column, "document")
+    corpus = _with_ids(corpus, "document", "corpus")
     row_steps = {k: v for k, v in recipe.instructions.items() if STEPS[k].kind != "global"}
     mapped, features = _apply_row_steps(corpus, row_steps, recipe, corpus.features, {"demonstrations": demonstrations})
     filtering = "filter" in recipe.instructions
@@ -482,6 +503,7 @@ def run_recipe(
     started = time.monotonic()
     USAGE.clear()
     DIVERSITY.clear()
+    DERIVED_IDS.clear()
     try:
         demonstrations, demo_splits, demo_table, demo_reasons = _demonstrations(recipe, out)
         instruction_splits, table, reasons = _instructions(recipe, out, demonstrations, limit, corpus)
@@ -506,7 +528,13 @@ def run_recipe(
         "prompt_hashes": {
             s: prompts.prompt_hash(s) for s in stages_used if (prompts.PROMPT_DIR / f"{s}.user.j2").exists()
         },
-        "sources": {"seeds": recipe.seeds.dataset, "corpus": recipe.corpus.dataset},
+        "sources": {
+            name: f"{source} ({DERIVED_IDS[name]} rows without an id got the hash of their text as id)"
+            if DERIVED_IDS[name]
+            else source
+            for name, source in (("seeds", recipe.seeds.dataset), ("corpus", recipe.corpus.dataset))
+        },
+        "derived_ids": dict(DERIVED_IDS),
         "usage": {stage: usage.as_dict() for stage, usage in USAGE.items()},
         "versions": output.package_versions(),
         "repo_id": push_to_hub,

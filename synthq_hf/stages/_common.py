@@ -31,12 +31,24 @@ def read_text(row: Mapping[str, Any], column: str, stage: str) -> str | None:
     return value if value.strip() else None
 
 
+def has_id(row: Mapping[str, Any]) -> bool:
+    """Whether the row carries an id of its own (a missing, null or empty ``id`` is none)."""
+    value = row.get("id")
+    return value is not None and value != ""
+
+
 def row_id(row: Mapping[str, Any], *texts: str) -> str:
     """The row's ``id`` column if it has one, else a hash of its input text: stable across runs and shards."""
-    value = row.get("id")
-    if value is not None and value != "":
-        return str(value)
+    if has_id(row):
+        return str(row["id"])
     return hashlib.blake2b("\0".join(texts).encode(), digest_size=12).hexdigest()
+
+
+def with_id(row: Mapping[str, Any], text_column: str) -> dict[str, str]:
+    """``map`` function: the row's :func:`row_id` written into its ``id`` column (text), so that every output row
+    is named by the id its requests are seeded with; a row without one gets the hash of its text."""
+    text = row.get(text_column)
+    return {"id": row_id(row, text if isinstance(text, str) else "")}
 
 
 def failure(stage: str, columns: Mapping[str, Any], reason: str) -> dict[str, Any]:
