@@ -254,16 +254,27 @@ def _prepare(out: Path, recipe: Recipe, overwrite: bool) -> None:
     """Refuse to mix runs: a folder holding another recipe's run needs ``--overwrite``; the same recipe resumes."""
     marker = out / MARKER
     resolved = json.dumps(recipe.as_dict(), sort_keys=True, default=str)
-    if out.exists() and any(out.iterdir()):
+    partial = out / f"{MARKER}.partial"  # a marker being written when a run was killed: not a file of the user's
+    if out.exists() and any(entry != partial for entry in out.iterdir()):
         same = marker.exists() and marker.read_text(encoding="utf-8") == resolved
         if not (same or overwrite):
             what = "another recipe's run" if marker.exists() else "files that are not a synthq run"
             raise output.OutputError(f"{out} holds {what}; pass --overwrite or choose another --output")
         if same and not overwrite:
             log.info("resuming %s: answers already in the request cache are not requested again", out)
-        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(resolved, encoding="utf-8")
+    # The marker is replaced first (atomically) and everything else removed after it: a run killed while it
+    # clears the folder leaves a folder that still says whose it is, and the next run resumes instead of
+    # refusing "files that are not a synthq run".
+    partial.write_text(resolved, encoding="utf-8")
+    partial.replace(marker)
+    for entry in out.iterdir():
+        if entry.name == MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _index_for(recipe: Recipe) -> str:
@@ -456,6 +467,7 @@ def _instructions(
             before = kept.num_rows if kept is not None else 0
             dropped = 0
             if kept is not None and before:
+                print(f"instructions: {name} over {before} kept rows", file=sys.stderr, flush=True)
                 kept, dropped_rows = STEPS[name].load()(kept, **params)
                 dropped = dropped_rows.num_rows
                 marks = Counter(_summary(r) for r in dropped_rows["reason"])
@@ -540,6 +552,7 @@ def run_recipe(
         "repo_id": push_to_hub,
     }
     output.write_run_report(out, report)
+    print(f"writing the dataset card in {out}", file=sys.stderr, flush=True)
     _write_card(out, report, output.present(configs))
     if push_to_hub:
         from synthq_hf.hub import push_folder
