@@ -96,9 +96,10 @@ def open_dataset(
             if not found:
                 raise FileNotFoundError(f"no such file {pattern}")
             files += found
-        jsonl = [file for file in files if file.endswith(".jsonl")]
-        if sum(check_jsonl(file, text_column) for file in jsonl) == 0 and jsonl == files:
-            raise ValueError(f"input file {', '.join(files)} is empty (no rows)")  # datasets: StopIteration
+        # rows of a JSONL file, bytes of any other: all zero ends in StopIteration or a traceback in datasets
+        sizes = [check_jsonl(file, text_column) if file.endswith(".jsonl") else os.path.getsize(file) for file in files]
+        if not any(sizes):
+            raise ValueError(f"input file {', '.join(files)} is empty (no rows)")
         return datasets.load_dataset(LOCAL_BUILDERS[suffixes.pop()], data_files=files, split=split, streaming=streaming)
     if len(sources) != 1:
         raise ValueError(f"give one Hub dataset name or local files; got {sources}")

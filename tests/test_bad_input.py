@@ -140,6 +140,12 @@ def test_run_refuses_a_bad_corpus_in_one_line(case, run_stub, tmp_path) -> None:
     assert_refused(synthq(tmp_path, "run", str(recipe(tmp_path, run_stub.url, corpus))), *culprits)
 
 
+def test_run_refuses_an_empty_file_of_another_format(run_stub, tmp_path) -> None:
+    corpus = tmp_path / "corpus.json"  # not JSONL: datasets ended in StopIteration here too
+    corpus.write_bytes(b"")
+    assert_refused(synthq(tmp_path, "run", str(recipe(tmp_path, run_stub.url, corpus))), "corpus.json is empty")
+
+
 def test_run_refuses_a_bad_seeds_file_in_one_line(run_stub, tmp_path) -> None:
     corpus = write_jsonl(tmp_path / "corpus.jsonl", GOOD)
     seeds = write_jsonl(tmp_path / "seeds.jsonl", [{"prompt": "fine"}, b'{"prompt": 7}\n'])
@@ -163,13 +169,20 @@ def test_run_refuses_a_missing_seeds_file(run_stub, tmp_path) -> None:
         ("endpoints.generator.timeout=3", "unknown key endpoints.generator.timeout"),
         ("instructions.scroe_instruction={}", "unknown stage instructions.scroe_instruction"),
         ("instructions.score_instruction.thresh=3", "unknown parameter instructions.score_instruction.thresh"),
+        ("corpus.limit", "--set expects KEY=VALUE (e.g. corpus.limit=10), got 'corpus.limit'"),
     ],
-    ids=["recipe key typo", "endpoint key typo", "stage name typo", "unknown stage parameter"],
+    ids=["recipe key typo", "endpoint key typo", "stage name typo", "unknown stage parameter", "--set no value"],
 )
 def test_run_refuses_recipe_typos(override, culprit, run_stub, tmp_path) -> None:
     path = recipe(tmp_path, run_stub.url, write_jsonl(tmp_path / "corpus.jsonl", GOOD))
     assert_refused(synthq(tmp_path, "run", str(path), "--set", override), culprit)
     assert run_stub.seen == []  # refused before any request
+
+
+def test_run_refuses_a_recipe_that_is_not_yaml(tmp_path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("name: x\nendpoints:\n  generator: {url: local\nseeds: {}\n", encoding="utf-8")
+    assert_refused(synthq(tmp_path, "run", str(path)), f"{path} line", "is not valid YAML")
 
 
 def test_run_refuses_an_unreachable_endpoint(tmp_path) -> None:
