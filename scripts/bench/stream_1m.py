@@ -26,7 +26,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from client_ceiling import GOALS, SUBJECTS, start_stub
 
-
 #: Rows before the clock starts: the first ones pay for the endpoint's detection and datasets' first batches.
 WARM_UP = 1000
 
