@@ -19,7 +19,7 @@ every 20 ms: they show where a shortfall comes from. Runs go raw, map, map, raw 
 drift on a shared machine hits both; the best of each is compared. THE TARGET: map ÷ raw ≥ 0.95.
 
     .venv/bin/python scripts/bench/saturation.py                 # starts the server (vllm_setup.sh first)
-    .venv/bin/python scripts/bench/saturation.py --url http://127.0.0.1:8000 --rows 96
+    .venv/bin/python scripts/bench/saturation.py --url http://127.0.0.1:8000 --rows 64 --repeat 2
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def run_map(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a vLLM server already running (default: start one, see vllm_server.py)")
-    parser.add_argument("--rows", type=int, default=64, help="rows (requests) per measurement")
+    parser.add_argument("--rows", type=int, default=32, help="rows (requests) per measurement")
     parser.add_argument("--concurrency", type=int, default=16, help="raw workers and the map's max_concurrency")
     parser.add_argument("--repeat", type=int, default=1, help="(raw, map, map, raw) rounds; the best is compared")
     parser.add_argument("--batch-size", type=int, default=0, help="> 0: the batched form of the map")
