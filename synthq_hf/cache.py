@@ -71,6 +71,10 @@ def _connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA busy_timeout=60000")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
+        # 64 MB of page cache (SQLite's default is 2 MB): the key index of a million-reply cache is ~40 MB, and
+        # with it out of cache every insert of a random key read its pages again. Measured with
+        # scripts/bench/stream_1m.py: 1M streamed rows 4,613 → 5,533 rows/s, 100k rows 4,372 → ~5,900.
+        conn.execute("PRAGMA cache_size=-65536")
         conn.execute(_SCHEMA)
     return conn
 

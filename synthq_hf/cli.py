@@ -234,9 +234,12 @@ def close_abandoned_loops() -> None:
             pending = [task for task in asyncio.all_tasks(obj) if not task.done()]
             for task in pending:  # rows read ahead of a --limit: cancelled, not destroyed pending (a log line)
                 task.cancel()
-            if pending:
-                obj.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            obj.close()
+            try:
+                if pending:
+                    obj.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                obj.close()
+            except (OSError, ValueError, RuntimeError):  # its self-pipe already gone: nothing left to close
+                pass
 
 
 if __name__ == "__main__":
