@@ -13,6 +13,7 @@ from synthq_hf.stages.dedup import dedup
 from synthq_hf.stages.embed import embed, embed_dataset
 from synthq_hf.stages.extract_keywords import extract_keywords
 from synthq_hf.stages.generate_instruction import generate_instruction
+from synthq_hf.stages.generate_responses import generate_responses
 from synthq_hf.stages.ground import ground
 from synthq_hf.stages.moderate import mark_unsafe, moderate
 from synthq_hf.stages.reject import mark_rejected, split_rejected
@@ -44,6 +45,7 @@ __all__ = [
     "embed_dataset",
     "extract_keywords",
     "generate_instruction",
+    "generate_responses",
     "ground",
     "mark_rejected",
     "mark_unsafe",
