@@ -111,3 +111,16 @@ def test_endpoint_url_local_starts_the_embedded_server(local_endpoint: EndpointC
     info = run(go())
     assert info.dialect == "llamacpp"
     assert info.base_url.startswith("http://127.0.0.1:")
+
+
+def test_generate_responses_samples_with_their_own_seeds(local_endpoint: EndpointConfig) -> None:
+    rows = Dataset.from_dict({"prompt": ROWS[2:]})
+    features = stages.output_features(rows.features, stages.generate_responses)
+    kwargs = {"endpoint": local_endpoint, "n": 3, "max_tokens": 24, "temperature": 1.0}
+    out = rows.map(stages.generate_responses, fn_kwargs=kwargs, features=features)
+    row = out[0]
+    assert row["generate_responses_error"] is None
+    assert len(row["responses"]) == 3 and all(text.strip() for text in row["responses"])
+    assert row["responses_identical"] == (len(set(row["responses"])) == 1)
+    again = rows.map(stages.generate_responses, fn_kwargs=kwargs, features=features)  # from the request cache
+    assert again[0]["responses"] == row["responses"]
