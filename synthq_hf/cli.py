@@ -16,13 +16,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from synthq_hf import output, prompts
     from synthq_hf.endpoint import USAGE, EndpointConfig
-    from synthq_hf.inputs import check_jsonl
+    from synthq_hf.inputs import open_dataset
     from synthq_hf.stages import output_features, score_instruction
     from synthq_hf.stages._common import has_id, with_id
 
     source = Path(args.input) if args.input else BUNDLED_SAMPLE
-    if check_jsonl(source, text_column=args.column) == 0:
-        raise ValueError(f"input file {source} is empty (no rows)")  # datasets would end in StopIteration
+    rows = open_dataset(str(source), text_column=args.column)  # checked line by line before the folder is touched
     out = output.prepare_folder(args.output, overwrite=args.overwrite)
     endpoint = EndpointConfig(
         url=args.endpoint,
@@ -32,7 +31,6 @@ def cmd_score(args: argparse.Namespace) -> int:
         cache_path=args.cache_path,
         api_key_env=args.api_key_env,
     )
-    rows = datasets.load_dataset("json", data_files=str(source), split="train")
     if args.limit:
         rows = rows.select(range(min(args.limit, len(rows))))
     if args.column != "prompt":

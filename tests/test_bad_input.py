@@ -276,7 +276,7 @@ def test_score_refuses_a_bad_file_in_one_line(case, stub, tmp_path) -> None:
 
 
 def test_score_refuses_a_missing_file(stub, tmp_path) -> None:
-    assert_refused(score(tmp_path, tmp_path / "nope.jsonl", stub.url), "nope.jsonl does not exist")
+    assert_refused(score(tmp_path, tmp_path / "nope.jsonl", stub.url), f"no such file {tmp_path / 'nope.jsonl'}")
 
 
 def test_score_refuses_an_unreachable_endpoint(tmp_path) -> None:

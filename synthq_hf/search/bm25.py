@@ -24,6 +24,7 @@ import re
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -282,9 +283,7 @@ def rank(hits: list[IndexHit]) -> list[IndexHit]:
 
     Only tied hits have their stored id read (hits load their fields lazily, and ties are rare in prose).
     """
-    seen: dict[float, int] = {}
-    for hit in hits:
-        seen[hit.score] = seen.get(hit.score, 0) + 1
+    seen = Counter(hit.score for hit in hits)
     return sorted(hits, key=lambda h: (-h.score, h.document_id if seen[h.score] > 1 else ""))
 
 
