@@ -6,7 +6,8 @@ is missing (or empty) drops its section; nothing is filled in with a guess.
 
 Report keys read (all optional; the runner writes the same dict to ``run.json``):
 
-- ``recipe``: ``{"name": str, "output": {"license": str}, "instructions": {"filter": {"threshold": int}}}``; the license
+- ``recipe``: ``{"name": str, "output": {"license": str}, "datasets": {name: {"stages": {stage: params}}}}``, whose
+  ``filter`` stage has ``threshold`` (older reports: top-level ``"instructions": {"filter": ...}``); the license
   defaults to ``"other"``, the score threshold to 3 (the paper's; the card says when it is a default).
 - ``pretty_name``: str, else ``"synthq-hf: <recipe name>"``, else a generic name.
 - ``repo_id``: str, the Hub repo the folder is pushed to; the load snippet names it, else the local folder.
@@ -14,7 +15,8 @@ Report keys read (all optional; the runner writes the same dict to ``run.json``)
 - ``endpoints``: ``{role: {"dialect": str, ...}}``; only ``dialect`` is shown (URLs can name private hosts).
 - ``prompt_hashes``: ``{stage: hash}``.
 - ``sources``: ``{name: description}``, e.g. ``{"seeds": ..., "corpus": ...}``.
-- ``stages``: ``[{"name", "in", "out", "rejected", "errors"}]`` in pipeline order.
+- ``stages``: ``[{"name", "in", "out", "rejected", "errors", "dataset"}]`` in pipeline order; ``dataset`` (the named
+  dataset the stage ran in) adds a first column when any entry has it.
 - ``rejected_reasons``: ``{stage: {reason: count}}``; reasons that differ only by row ids, similarity values or raw
   replies are grouped, then the 10 largest per stage are shown and the rest summed as "other".
 - ``usage``: ``{stage: {requests, cache_hits, prompt_tokens, completion_tokens, retries, failures, latency_s, ...}}``;
@@ -22,9 +24,12 @@ Report keys read (all optional; the runner writes the same dict to ``run.json``)
 - ``seed``: int, the run seed; ``seconds``: float, the run's wall-clock duration.
 - ``versions``: ``{package: version}``.
 - ``diversity``: ``{metric: value}``; shown as a table when present (hook for the diversity stage).
+- ``reward_model``: str; ``pairing``: ``"best_worst"`` or ``"mean_minus_2std"``; ``reward_objectives``: [name] in the
+  order of each response's objective vector (absent: "objective 1", "objective 2", ...).
 
 Data read: config ``instructions``, splits ``train`` and ``rejected``, columns ``total_score``, ``scores`` (struct of
-0/1 criteria) and ``topic`` (train only) — whichever exist.
+0/1 criteria) and ``topic`` (train only); config ``preferences``, split ``train``, columns ``rewards``,
+``chosen_index``, ``rejected_index``, ``reward_margin`` and ``reward_objectives`` — whichever exist.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -48,9 +54,22 @@ from synthq_hf.output import configs_yaml
 TEMPLATE_DIR = Path(__file__).parent / "dataset_cards"
 TEMPLATE = "synthq.md.j2"
 ASSETS = "assets"
-PLOTS = ("score_histogram.png", "criteria_pass_rates.png", "topic_sizes.png")
+PLOTS = (
+    "score_histogram.png",
+    "criteria_pass_rates.png",
+    "topic_sizes.png",
+    "reward_distribution.png",
+    "reward_margin.png",
+)
 DEFAULT_THRESHOLD = 3
 SCORED_SPLITS = ("train", "rejected")
+PREFERENCES = "preferences"
+PREFERENCE_COLUMNS = ("rewards", "chosen_index", "rejected_index", "reward_margin", "reward_objectives")
+PAIR_SIDES = ("chosen", "rejected")
+PAIRINGS = {
+    "best_worst": "its lowest-rewarded one",
+    "mean_minus_2std": "one picked by the mean − 2·std rule",
+}
 TOP_REASONS = 10
 MAX_TOPICS_SHOWN = 40
 REASON_CHARS = 100
@@ -69,6 +88,7 @@ SPLIT_NOTES = {
     ("instructions", "rejected"): "generated instructions set aside, with `rejected_by` (stage) and `reason`",
     ("demonstrations", "train"): "seed instructions grounded in a document (scene + query compositions)",
     ("preferences", "train"): "instructions with scored responses (chosen / rejected)",
+    ("preferences", "rejected"): "instructions no pair was made from, with `rejected_by` (stage) and `reason`",
 }
 # Reasons that name a row id, a similarity or a matched text are grouped by what they say, not by the details.
 _REASON_GROUPS = (
@@ -95,9 +115,10 @@ _SIZES = (
 
 
 def _shards(out: Path, configs: Mapping[str, Mapping[str, str]] | None, config: str, split: str) -> list[Path]:
-    """The parquet files of (config, split): the card's own glob when given, else the writer's naming."""
-    pattern = (configs or {}).get(config, {}).get(split, f"{config}/{split}-*.parquet")
-    return sorted(out.glob(pattern))
+    """The parquet files of (config, split): the card's own glob when given (a split the card does not list has
+    none, whatever files an earlier run left), else the writer's naming."""
+    pattern = f"{config}/{split}-*.parquet" if configs is None else configs.get(config, {}).get(split)
+    return sorted(out.glob(pattern)) if pattern else []
 
 
 def _read(paths: list[Path], columns: tuple[str, ...]) -> list[pa.Table]:
@@ -146,6 +167,67 @@ def topic_sizes(out: Path, configs: Mapping[str, Mapping[str, str]] | None = Non
         if "topic" in table.column_names:
             counts.update({str(k): n for k, n in _value_counts(table["topic"]).items()})
     return dict(counts.most_common())
+
+
+def _pick(lists: pa.Array, index: pa.Array) -> pa.Array:
+    """Per row, the item of a per-response list at that row's index (the chosen or rejected response). Rows whose
+    list or index is missing, or whose index is past the list's end, are left out rather than guessed."""
+    lengths = pc.fill_null(pc.list_value_length(lists), 0)
+    valid = pc.fill_null(pc.and_(pc.greater_equal(index, 0), pc.less(index, lengths)), False)
+    lists, index, lengths = lists.filter(valid), index.filter(valid), lengths.filter(valid).to_numpy()
+    starts = np.cumsum(lengths) - lengths
+    return pc.list_flatten(lists).take(pa.array(starts + index.to_numpy()))
+
+
+def _floats(values: pa.Array) -> np.ndarray:
+    return pc.drop_null(values).to_numpy(zero_copy_only=False).astype(float)
+
+
+def preference_stats(out: Path, configs: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, Any]:
+    """What the ``preferences`` train split holds, read in record batches (the column of objective vectors can be
+    the widest in the folder). ``{}`` when that split has no rows, else::
+
+        {"pairs": int, "responses": Counter({responses per row: rows}),
+         "rewards": every response's reward, "chosen": chosen rewards, "rejected": rejected rewards,
+         "margins": reward_margin values (numpy float arrays),
+         "objectives": [(mean over chosen, mean over rejected) per objective position]}
+    """
+    arrays: dict[str, list[np.ndarray]] = {"rewards": [], "chosen": [], "rejected": [], "margins": []}
+    responses: Counter[int] = Counter()
+    sums = {side: Counter() for side in PAIR_SIDES}
+    counts = {side: Counter() for side in PAIR_SIDES}
+    pairs = 0
+    for path in _shards(out, configs, PREFERENCES, "train"):
+        file = pq.ParquetFile(path)
+        pairs += file.metadata.num_rows
+        columns = [c for c in PREFERENCE_COLUMNS if c in file.schema_arrow.names]
+        for batch in file.iter_batches(columns=columns) if columns else ():
+            have = set(batch.schema.names)
+            if "rewards" in have:
+                arrays["rewards"].append(_floats(pc.list_flatten(batch["rewards"])))
+                responses.update(_value_counts(pc.list_value_length(batch["rewards"])))
+            if "reward_margin" in have:
+                arrays["margins"].append(_floats(batch["reward_margin"]))
+            for side in PAIR_SIDES:
+                if f"{side}_index" not in have:
+                    continue
+                if "rewards" in have:
+                    arrays[side].append(_floats(_pick(batch["rewards"], batch[f"{side}_index"])))
+                if "reward_objectives" in have:
+                    vectors = _pick(batch["reward_objectives"], batch[f"{side}_index"])
+                    lengths = pc.fill_null(pc.list_value_length(vectors), 0)
+                    for j in range(pc.max(lengths).as_py() or 0):
+                        values = pc.list_element(vectors.filter(pc.greater(lengths, j)), j)
+                        sums[side][j] += pc.sum(values).as_py() or 0.0
+                        counts[side][j] += pc.count(values).as_py()
+    if not pairs:
+        return {}
+    width = max([*counts["chosen"], *counts["rejected"], -1]) + 1
+    objectives = [
+        tuple(sums[side][j] / counts[side][j] if counts[side][j] else None for side in PAIR_SIDES) for j in range(width)
+    ]
+    stats = {name: np.concatenate(parts) if parts else np.array([]) for name, parts in arrays.items()}
+    return {"pairs": pairs, "responses": responses, **stats, "objectives": objectives}
 
 
 def split_rows(out: Path, configs: Mapping[str, Mapping[str, str]]) -> list[dict[str, Any]]:
@@ -205,10 +287,36 @@ def _dialect(endpoint: Any) -> str | None:
 
 
 def _threshold(report: Mapping[str, Any]) -> tuple[int, bool]:
-    """(score threshold, whether the recipe recorded it)."""
-    stages = (report.get("recipe") or {}).get("instructions") or {}
-    value = (stages.get("filter") or {}).get("threshold")
+    """(score threshold, whether the recipe recorded it). Recipes name their datasets now
+    (``datasets: {name: {stages: ...}}``); older reports keep the stages under ``instructions``. The first dataset
+    with a ``filter`` stage is the one that filtered."""
+    recipe = report.get("recipe") or {}
+    candidates = [(d or {}).get("stages") or {} for d in (recipe.get("datasets") or {}).values()]
+    candidates.append(recipe.get("instructions") or {})
+    # As in recipes, ``filter: null`` runs with defaults and ``filter: false`` is switched off.
+    filters = [stages["filter"] or {} for stages in candidates if stages.get("filter", False) is not False]
+    value = filters[0].get("threshold") if filters else None
     return (DEFAULT_THRESHOLD, False) if value is None else (int(value), True)
+
+
+def _objective_rows(
+    means: list[tuple[float | None, float | None]], names: list[str] | None
+) -> list[tuple[str, float | None, float | None]]:
+    """(name, chosen mean, rejected mean) per objective; the names come from the run report, since only the reward
+    stage knows its model's objectives, and positions stand in for names it did not record."""
+    names = list(names or [])
+    return [
+        (names[j] if j < len(names) else f"objective {j + 1}", chosen, rejected)
+        for j, (chosen, rejected) in enumerate(means)
+    ]
+
+
+def _samples(responses: Mapping[int, int]) -> str | None:
+    """Responses per instruction as one number, or a range when rows differ."""
+    sizes = [n for n in responses if n]
+    if not sizes:
+        return None
+    return str(min(sizes)) if min(sizes) == max(sizes) else f"{min(sizes)}–{max(sizes)}"
 
 
 def _duration(seconds: float) -> str:
@@ -229,6 +337,11 @@ def _num(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
     return str(value)
+
+
+def _fixed(value: float | None) -> str:
+    """Three decimals for a mean; rounding noise around zero must not print as ``-0.000``."""
+    return "" if value is None else f"{round(float(value), 3) + 0.0:.3f}"
 
 
 def _cell(value: Any) -> str:
@@ -287,6 +400,33 @@ def plot_topics(sizes: Mapping[str, int], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_rewards(rewards: np.ndarray, chosen: np.ndarray, rejected: np.ndarray, path: Path) -> None:
+    """All responses' rewards as bars, chosen and rejected as outlines on the same bins: where the pair's two
+    sides sit within the whole distribution."""
+    bins = np.histogram_bin_edges(rewards, bins=30)
+    fig = Figure(figsize=(6, 3.4))
+    ax = fig.add_subplot()
+    ax.hist(rewards, bins=bins, color="#c9d6e3", label=f"all responses ({len(rewards):,})")
+    ax.hist(chosen, bins=bins, histtype="step", linewidth=1.6, color="#2d7dd2", label=f"chosen ({len(chosen):,})")
+    ax.hist(rejected, bins=bins, histtype="step", linewidth=1.6, color="#c8553d", label=f"rejected ({len(rejected):,})")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("reward")
+    ax.set_ylabel("responses")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_margins(margins: np.ndarray, path: Path) -> None:
+    fig = Figure(figsize=(6, 3.4))
+    ax = fig.add_subplot()
+    ax.hist(margins, bins=30, color="#2d7dd2")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("reward_margin")
+    ax.set_ylabel("pairs")
+    ax.set_title(f"Reward margins of {len(margins):,} pairs", fontsize=10)
+    _save(fig, path)
+
+
 # --- the card -----------------------------------------------------------------------------------------------------
 
 
@@ -317,6 +457,7 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["num"] = _num
     env.filters["cell"] = _cell
+    env.filters["fixed"] = _fixed
     return env
 
 
@@ -341,6 +482,13 @@ def write_card(out: Path, report: Mapping[str, Any], configs: Mapping[str, Mappi
         plot_pass_rates(rates, assets / "criteria_pass_rates.png")
     if topics:
         plot_topics(topics, assets / "topic_sizes.png")
+    preferences = preference_stats(out, configs) if PREFERENCES in configs else {}
+    if len(preferences.get("rewards", ())):
+        plot_rewards(
+            preferences["rewards"], preferences["chosen"], preferences["rejected"], assets / "reward_distribution.png"
+        )
+    if len(preferences.get("margins", ())):
+        plot_margins(preferences["margins"], assets / "reward_margin.png")
     if not any(assets.iterdir()):
         assets.rmdir()
 
@@ -351,6 +499,23 @@ def write_card(out: Path, report: Mapping[str, Any], configs: Mapping[str, Mappi
     endpoints = report.get("endpoints") or {}
     usage_columns, usage_rows = _usage_table(report.get("usage") or {})
     reasons = {stage: top_reasons(r) for stage, r in (report.get("rejected_reasons") or {}).items() if r}
+    stages = report.get("stages") or []
+    pairs = None
+    if preferences:
+        pairs = {
+            "pairs": preferences["pairs"],
+            "unpaired": sum(r["rows"] for r in contents if (r["config"], r["split"]) == (PREFERENCES, "rejected")),
+            "samples": _samples(preferences["responses"]),
+            "reward_model": report.get("reward_model"),
+            "pairing": report.get("pairing"),
+            "pairing_text": PAIRINGS.get(report.get("pairing")),
+            "mean_chosen": float(preferences["chosen"].mean()) if len(preferences["chosen"]) else None,
+            "mean_rejected": float(preferences["rejected"].mean()) if len(preferences["rejected"]) else None,
+            "mean_margin": float(preferences["margins"].mean()) if len(preferences["margins"]) else None,
+            "reward_plot": bool(len(preferences["rewards"])),
+            "margin_plot": bool(len(preferences["margins"])),
+            "objectives": _objective_rows(preferences["objectives"], report.get("reward_objectives")),
+        }
     body = (
         _environment()
         .get_template(TEMPLATE)
@@ -368,7 +533,8 @@ def write_card(out: Path, report: Mapping[str, Any], configs: Mapping[str, Mappi
             ],
             prompt_hashes=report.get("prompt_hashes") or {},
             versions=report.get("versions") or {},
-            stages=report.get("stages") or [],
+            stages=stages,
+            stage_datasets=any("dataset" in s for s in stages),
             reasons=reasons,
             top_reasons=TOP_REASONS,
             threshold=threshold,
@@ -380,6 +546,7 @@ def write_card(out: Path, report: Mapping[str, Any], configs: Mapping[str, Mappi
             topics=topics,
             max_topics=MAX_TOPICS_SHOWN,
             diversity=report.get("diversity") or {},
+            pairs=pairs,
             usage_columns=usage_columns,
             usage_rows=usage_rows,
         )

@@ -382,3 +382,230 @@ def test_stale_plots_are_removed(folder, tmp_path):
     text = cards.write_card(out, full_report(), configs).read_text(encoding="utf-8")
     assert not (out / "assets" / "topic_sizes.png").exists()
     assert "## Topics" not in text
+
+
+# --- preference pairs -----------------------------------------------------------------------------------------------
+
+MESSAGE = [{"role": Value("string"), "content": Value("string")}]
+PREFERENCE = Features(
+    {
+        "id": Value("string"),
+        "prompt": Value("string"),
+        "responses": [Value("string")],
+        "rewards": [Value("float64")],
+        "reward_objectives": [[Value("float64")]],
+        "chosen": MESSAGE,
+        "rejected": MESSAGE,
+        "reward_margin": Value("float64"),
+        "chosen_index": Value("int64"),
+        "rejected_index": Value("int64"),
+        "reward_truncated": [Value("bool")],
+        "rejected_by": Value("string"),
+        "reason": Value("string"),
+    }
+)
+OBJECTIVES = [f"helpsteer-like-{j:02d}" for j in range(19)]
+# Per pair: three responses' rewards; the chosen response is the best, the rejected one the worst, at varying places.
+PAIR_REWARDS = [[0.9, 0.1, 0.5], [0.2, 0.8, 0.4], [0.3, 0.6, 0.7], [0.05, 0.35, 0.95]]
+
+
+def objective_vector(n: int, kind: str) -> list[float]:
+    """Chosen responses score 0.5 + j/100 on objective j on average over the pairs, rejected ones j/100, middle ones
+    9 (so a mean taken over the wrong response shows); each pair is offset by (n - 1.5)/10, which averages out."""
+    base = {"chosen": 0.5, "rejected": 0.0, "middle": 9.0}[kind]
+    return [base + j / 100 + (n - 1.5) / 10 for j in range(19)]
+
+
+def pair(n: int, rewards: list[float]) -> dict[str, Any]:
+    best, worst = rewards.index(max(rewards)), rewards.index(min(rewards))
+    kinds = ["chosen" if i == best else "rejected" if i == worst else "middle" for i in range(len(rewards))]
+    responses = [f"answer {i} to question {n}" for i in range(len(rewards))]
+    prompt = f"question {n}"
+    return {
+        "id": f"gen-{n:03d}",
+        "prompt": prompt,
+        "responses": responses,
+        "rewards": rewards,
+        "reward_objectives": [objective_vector(n, kind) for kind in kinds],
+        "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": responses[best]}],
+        "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": responses[worst]}],
+        "reward_margin": rewards[best] - rewards[worst],
+        "chosen_index": best,
+        "rejected_index": worst,
+        "reward_truncated": [False] * len(rewards),
+        "rejected_by": None,
+        "reason": None,
+    }
+
+
+def unpaired(n: int) -> dict[str, Any]:
+    return {
+        **{name: None for name in PREFERENCE},
+        "id": f"gen-{n:03d}",
+        "prompt": f"question {n}",
+        "responses": ["same", "same", "same"],
+        "rejected_by": "generate_responses",
+        "reason": "identical responses",
+    }
+
+
+def with_preferences(out: Path, configs: dict[str, dict], train: list[dict], rejected: list[dict]) -> dict[str, dict]:
+    """``configs`` plus a ``preferences`` config; an empty split gets no file and no entry, as the runner does it
+    (``datasets`` cannot build an empty ``Dataset.from_list``, so it is not written at all)."""
+    splits = {
+        split: output.write_split(Dataset.from_list(rows, features=PREFERENCE), out, "preferences", split)
+        for split, rows in (("train", train), ("rejected", rejected))
+        if rows
+    }
+    return output.present({**configs, "preferences": splits})
+
+
+def preference_report() -> dict[str, Any]:
+    return {
+        **full_report(),
+        "reward_model": "RLHFlow/ArmoRM-Llama3-8B-v0.1",
+        "pairing": "best_worst",
+        "reward_objectives": OBJECTIVES,
+    }
+
+
+@pytest.fixture
+def preference_folder(folder) -> tuple[Path, dict[str, dict]]:
+    out, configs = folder
+    train = [pair(n, rewards) for n, rewards in enumerate(PAIR_REWARDS)]
+    return out, with_preferences(out, configs, train, [unpaired(10), unpaired(11)])
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_preference_section_counts_models_and_plots(preference_folder):
+    out, configs = preference_folder
+    text = cards.write_card(out, preference_report(), configs).read_text(encoding="utf-8")
+    pairs = flat(section(text, "Preference pairs"))
+    assert f"holds {len(PAIR_REWARDS)} pairs; 2 instructions gave no pair and are in `rejected`" in pairs
+    assert "Reward model: `RLHFlow/ArmoRM-Llama3-8B-v0.1`." in pairs
+    assert "Pairing: `best_worst`, the highest-rewarded response (`chosen`) against its lowest-rewarded one" in pairs
+    chosen = sum(max(r) for r in PAIR_REWARDS) / len(PAIR_REWARDS)
+    rejected = sum(min(r) for r in PAIR_REWARDS) / len(PAIR_REWARDS)
+    assert f"Mean reward: chosen {chosen:.3f}, rejected {rejected:.3f}." in pairs
+    assert f"Mean `reward_margin`: {chosen - rejected:.3f}." in pairs
+    made = flat(section(text, "How it was made"))
+    assert "3 responses were sampled per instruction and scored by a reward model (`RLHFlow/" in made
+    assert "the best-scored and worst-scored responses became `chosen` and `rejected`" in made
+    assert 'load_dataset("someone/synthq-demo", "instructions")' in text
+    assert ["`preferences`", "`rejected`", "2"] in [row[:3] for row in table_rows(section(text, "Contents"))]
+
+    for name in ("reward_distribution.png", "reward_margin.png"):
+        png = out / "assets" / name
+        assert png.read_bytes().startswith(PNG_SIGNATURE), name
+        assert imread(png).std() > 0.05, f"{name} is blank"
+        assert f"](assets/{name})" in text
+
+
+def test_preference_stats_pick_the_chosen_and_rejected_responses(preference_folder):
+    out, configs = preference_folder
+    stats = cards.preference_stats(out, configs)
+    assert stats["pairs"] == len(PAIR_REWARDS)
+    assert stats["responses"] == {3: len(PAIR_REWARDS)}
+    assert sorted(stats["rewards"]) == pytest.approx(sorted(r for rewards in PAIR_REWARDS for r in rewards))
+    assert list(stats["chosen"]) == pytest.approx([max(r) for r in PAIR_REWARDS])
+    assert list(stats["rejected"]) == pytest.approx([min(r) for r in PAIR_REWARDS])
+    assert list(stats["margins"]) == pytest.approx([max(r) - min(r) for r in PAIR_REWARDS])
+    assert len(stats["objectives"]) == 19
+    for j, (chosen, rejected) in enumerate(stats["objectives"]):
+        assert chosen == pytest.approx(0.5 + j / 100)
+        assert rejected == pytest.approx(j / 100)
+
+
+def test_objective_table_names_from_the_report_else_positions(preference_folder):
+    out, configs = preference_folder
+    text = cards.write_card(out, preference_report(), configs).read_text(encoding="utf-8")
+    rows = [row for row in table_rows(section(text, "Preference pairs")) if row[0] != "objective"]
+    assert rows[0] == [OBJECTIVES[0], "0.500", "0.000"]
+    assert rows[18] == [OBJECTIVES[18], "0.680", "0.180"]
+    assert [row[0] for row in rows] == OBJECTIVES
+
+    report = preference_report()
+    del report["reward_objectives"], report["reward_model"], report["pairing"]
+    text = cards.write_card(out, report, configs).read_text(encoding="utf-8")
+    pairs = section(text, "Preference pairs")
+    rows = [row for row in table_rows(pairs) if row[0] != "objective"]
+    assert [row[0] for row in rows] == [f"objective {j}" for j in range(1, 20)]
+    assert "Reward model: not named by the run report." in flat(pairs)
+    assert "Pairing" not in pairs and "2·std" not in text  # no pairing recorded, none claimed
+
+
+def test_plain_reward_model_has_no_objective_table(folder):
+    out, configs = folder
+    train = [{**pair(n, rewards), "reward_objectives": None} for n, rewards in enumerate(PAIR_REWARDS)]
+    configs = with_preferences(out, configs, train, [unpaired(10)])
+    report = {**preference_report(), "pairing": "mean_minus_2std"}
+    text = cards.write_card(out, report, configs).read_text(encoding="utf-8")
+    pairs = section(text, "Preference pairs")
+    assert "objective" not in pairs
+    assert "1 instruction gave no pair and is in `rejected`" in flat(pairs)
+    assert "mean − 2·std rule" in pairs and "mean − 2·std rule" in section(text, "How it was made")
+    assert (out / "assets" / "reward_margin.png").exists()
+
+
+def test_no_preference_pairs_no_section(preference_folder, tmp_path):
+    out, configs = preference_folder
+    cards.write_card(out, preference_report(), configs)  # an earlier card of this folder, with pairs
+    assert (out / "assets" / "reward_distribution.png").exists()
+
+    for only_rejected in (False, True):
+        kept = {k: v for k, v in configs.items() if k != "preferences"}
+        if only_rejected:  # every instruction unpaired: the train split is empty and has no file
+            kept = with_preferences(out, kept, [], [unpaired(10)])
+            assert "train" not in kept["preferences"]
+        text = cards.write_card(out, preference_report(), kept).read_text(encoding="utf-8")
+        assert "## Preference pairs" not in text
+        assert "responses were sampled" not in text
+        assert not (out / "assets" / "reward_distribution.png").exists()
+        assert not (out / "assets" / "reward_margin.png").exists()
+
+
+# --- report shapes --------------------------------------------------------------------------------------------------
+
+
+def test_threshold_from_either_recipe_shape(folder):
+    new = {
+        "datasets": {
+            "demonstrations": {"source": {"dataset": "bundled:seeds"}, "stages": {"ground": {}}},
+            "instructions": {"source": {"dataset": "bundled:corpus"}, "stages": {"filter": {"threshold": 5}}},
+            "preferences": {"source": {"dataset": "instructions"}, "stages": {"filter": {"threshold": 2}}},
+        }
+    }
+    assert cards._threshold({"recipe": new}) == (5, True)
+    assert cards._threshold({"recipe": {"instructions": {"filter": {"threshold": 4}}}}) == (4, True)
+    switched_off = {"datasets": {"instructions": {"stages": {"filter": False}}}}
+    assert cards._threshold({"recipe": switched_off}) == (cards.DEFAULT_THRESHOLD, False)
+    assert cards._threshold({}) == (cards.DEFAULT_THRESHOLD, False)
+    defaults_first = {"datasets": {"a": {"stages": {"filter": None}}, "b": {"stages": {"filter": {"threshold": 6}}}}}
+    assert cards._threshold({"recipe": defaults_first}) == (cards.DEFAULT_THRESHOLD, False)
+    off_first = {"datasets": {"a": {"stages": {"filter": False}}, "b": {"stages": {"filter": {"threshold": 6}}}}}
+    assert cards._threshold({"recipe": off_first}) == (6, True)
+
+    out, configs = folder
+    text = cards.write_card(out, {"recipe": new}, configs).read_text(encoding="utf-8")
+    scores = flat(section(text, "Scores"))
+    assert "below the threshold, 5, are rejected" in scores and "records none" not in scores
+
+
+def test_pipeline_table_gains_a_dataset_column(folder):
+    out, configs = folder
+    report = full_report()
+    report["stages"] = [
+        {"dataset": "demonstrations", "name": "ground", "in": 5, "out": 5, "rejected": 0, "errors": 0},
+        {"dataset": "instructions", "name": "score_instruction", "in": 21, "out": 12, "rejected": 9, "errors": 2},
+        {"name": "dedup", "in": 12, "out": 11, "rejected": 1, "errors": 0},
+    ]
+    pipeline = section(cards.write_card(out, report, configs).read_text(encoding="utf-8"), "Pipeline")
+    assert "| dataset | stage | in | out | rejected | errors |" in pipeline
+    assert table_rows(pipeline)[1:] == [
+        ["demonstrations", "ground", "5", "5", "0", "0"],
+        ["instructions", "score_instruction", "21", "12", "9", "2"],
+        ["", "dedup", "12", "11", "1", "0"],
+    ]
