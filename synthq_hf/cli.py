@@ -5,83 +5,42 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 BUNDLED_SAMPLE = Path(__file__).parent / "data" / "sample_instructions.jsonl"
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    import datasets
-
-    from synthq_hf import output, prompts
-    from synthq_hf.endpoint import USAGE, EndpointConfig
-    from synthq_hf.inputs import open_dataset
-    from synthq_hf.stages import output_features, score_instruction
-    from synthq_hf.stages._common import has_id, with_id
+    """``synthq score``: a one-stage recipe (``score_instruction`` over one input), run like any other."""
+    from synthq_hf.recipes.recipe import build_recipe
+    from synthq_hf.recipes.runner import run_recipe
 
     source = Path(args.input) if args.input else BUNDLED_SAMPLE
-    rows = open_dataset(str(source), text_column=args.column)  # checked line by line before the folder is touched
-    out = output.prepare_folder(args.output, overwrite=args.overwrite)
-    endpoint = EndpointConfig(
-        url=args.endpoint,
-        model=args.model,
-        seed=args.seed,
-        cache=not args.no_cache,
-        cache_path=args.cache_path,
-        api_key_env=args.api_key_env,
-    )
-    if args.limit:
-        rows = rows.select(range(min(args.limit, len(rows))))
-    if args.column != "prompt":
-        rows = rows.rename_column(args.column, "prompt")
-    derived = sum(not has_id(row) for row in rows.select_columns(["id"])) if "id" in rows.column_names else len(rows)
-    rows = rows.map(
-        with_id,
-        fn_kwargs={"text_column": "prompt"},
-        features=datasets.Features({**rows.features, "id": datasets.Value("string")}),
-        load_from_cache_file=False,
-        desc="ids",
-    )
-    started = time.monotonic()
-    scored = rows.map(
-        score_instruction,
-        fn_kwargs={"endpoint": endpoint},
-        features=output_features(rows.features, score_instruction),
-        load_from_cache_file=False,
-        desc="score_instruction",
-    )
-    elapsed = time.monotonic() - started
-    failed = sum(1 for err in scored["score_instruction_error"] if err)
-    train_files = output.write_split(scored, out, "instructions", "train")
-    usage = {stage: u.as_dict() for stage, u in USAGE.items()}
-    output.write_run_report(
-        out,
+    endpoint = {"url": args.endpoint, "model": args.model, "api_key_env": args.api_key_env}
+    recipe = build_recipe(
         {
-            "command": "score",
-            "input": str(source),
-            "endpoint": {"url": args.endpoint, "model": args.model, "seed": args.seed},
-            "rows": len(scored),
-            "errors": failed,
-            "derived_ids": derived,
-            "seconds": round(elapsed, 2),
-            "prompt_hashes": {"score_instruction": prompts.prompt_hash("score_instruction")},
-            "usage": usage,
-            "versions": output.package_versions(),
-        },
+            "name": "score",
+            "description": f"Instructions from {source.name} scored on the seven complexity criteria.",
+            "seed": args.seed,
+            "cache": not args.no_cache,
+            "cache_path": args.cache_path,
+            "endpoints": {"judge": endpoint},
+            "datasets": {
+                "instructions": {
+                    "source": {"dataset": str(source), "text_column": args.column, "as": "prompt", "limit": args.limit},
+                    "stages": {"score_instruction": {}},
+                }
+            },
+            "output": {"dir": args.output, "pretty_name": "Scored instructions"},
+        }
     )
-    output.write_readme(
-        out,
-        {"instructions": {"train": train_files}},
-        f"# Scored instructions\n\n{len(scored)} instructions from `{source.name}` scored by synthq-hf's "
-        f"`score_instruction` stage on seven yes/no complexity criteria ({failed} rows carry "
-        "`score_instruction_error` instead of scores). Endpoint, prompt hash and usage are in `run.json`.\n"
-        + (f"\n{derived} rows had no `id`; each got the hash of its text as id.\n" if derived else ""),
-    )
-    stats = USAGE.get("score_instruction")
+    out = run_recipe(recipe, args.output, overwrite=args.overwrite)
+    report = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    counts, usage = report["counts"]["instructions"], report["usage"].get("score_instruction", {})
     print(
-        f"scored {len(scored)} rows in {elapsed:.1f}s ({failed} errors; "
-        f"{stats.requests if stats else 0} requests, {stats.cache_hits if stats else 0} cache hits)"
+        f"scored {counts['train'] + counts['rejected']} rows in {report['seconds']:.1f}s "
+        f"({counts['rejected']} failed, in the rejected split; {usage.get('requests', 0)} requests, "
+        f"{usage.get('cache_hits', 0)} cache hits)"
     )
     print(f"output: {out.resolve()}")
     print(f'open it: load_dataset("{out.resolve()}", "instructions")')
@@ -102,16 +61,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         private=args.private,
     )
     report = json.loads((out / "run.json").read_text(encoding="utf-8"))
-    counts = report["counts"]
-    print(
-        f"{recipe.name}: {counts['instructions']['train']} instructions kept, "
-        f"{counts['instructions']['rejected']} rejected, {counts['demonstrations']['train']} demonstrations "
-        f"in {report['seconds']:.0f}s"
-    )
+    written = ", ".join(f"{name} {c['train']} kept / {c['rejected']} rejected" for name, c in report["counts"].items())
+    print(f"{recipe.name}: {written} in {report['seconds']:.0f}s")
     print(f"output: {out.resolve()}")
-    print(f'open it: load_dataset("{out.resolve()}", "instructions")')
+    main_config = recipe.main if "instructions" not in recipe.datasets else "instructions"
+    print(f'open it: load_dataset("{out.resolve()}", "{main_config}")')
     if args.push_to_hub:
-        print(f'on the Hub: load_dataset("{args.push_to_hub}", "instructions")')
+        print(f'on the Hub: load_dataset("{args.push_to_hub}", "{main_config}")')
     return 0
 
 
@@ -152,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run",
-        help="run a recipe (seeds → demonstrations, corpus → scored instructions) into a dataset folder",
-        description="Run a bundled recipe (demo, synthquestions) or a recipe YAML file. Writes a Hub-layout "
-        "folder (configs instructions and demonstrations, a dataset card, run.json) that load_dataset() opens. "
-        "Running the same recipe into the same folder again resumes from the request cache.",
+        help="run a recipe (its named datasets: e.g. demonstrations, instructions, preferences) into a folder",
+        description="Run a bundled recipe (demo, synthquestions) or a recipe YAML file: its named datasets in "
+        "order, each a config of a Hub-layout folder (train and rejected splits, a dataset card, run.json) that "
+        "load_dataset() opens. Running the same recipe into the same folder again resumes from the request cache.",
     )
     run.add_argument("recipe", help="bundled recipe name (demo, synthquestions) or a path to a recipe YAML")
     run.add_argument(
@@ -164,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a recipe field, e.g. --set endpoints.generator.url=http://tgi:8080 (repeatable)",
     )
-    run.add_argument("--limit", type=int, help="read at most N corpus rows (streamed rows count)")
+    run.add_argument(
+        "--limit",
+        type=int,
+        help="read at most N rows of the main input: the recipe's last dataset read from a file, the Hub or "
+        "generated (streamed rows count)",
+    )
     run.add_argument("--output", "-o", help="output folder (default: the recipe's output.dir)")
     run.add_argument("--overwrite", action="store_true", help="replace a folder that holds another run")
     run.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to this Hub dataset repo")

@@ -14,6 +14,7 @@ used for the token (``get_token()``). The speed target and its figures: ``script
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import hashlib
 import os
@@ -21,7 +22,7 @@ import random
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -69,6 +70,9 @@ class EndpointConfig:
     seed: int = 0
     cache: bool = True
     cache_path: str | None = None
+    #: Requests, cache hits, tokens and latency by stage, counted by every client made from this config: the
+    #: run that made the config reads them (``run.json``, the card, progress). Not part of its identity.
+    usage: dict[str, Usage] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.dialect not in ("auto", "tgi", "vllm", "llamacpp", "openai"):
@@ -99,10 +103,17 @@ class EndpointConfig:
         return dict(self.params)
 
     def replace(self, **changes: Any) -> EndpointConfig:
-        fields = asdict(self)
+        """A changed copy that counts into the same :attr:`usage` (it is the same run's endpoint)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields["params"] = dict(self.params)
         fields.update(changes)
         return EndpointConfig(**fields)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for recipes and reports: the fields that say what the endpoint is, not what it counted."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "usage"}
+        data["params"] = dict(self.params)
+        return data
 
 
 @dataclass
@@ -169,14 +180,11 @@ def release_heap() -> None:
             _heap_frozen = False
 
 
-#: Process-wide usage by stage name (clients come and go with event loops; the counts must not).
-USAGE: dict[str, Usage] = {}
-
-
-def usage_for(stage: str) -> Usage:
-    usage = USAGE.get(stage)
+def usage_for(config: EndpointConfig, stage: str) -> Usage:
+    """The counters of ``stage`` on ``config``: clients come and go with event loops, the config's counts stay."""
+    usage = config.usage.get(stage)
     if usage is None:
-        usage = USAGE[stage] = Usage()
+        usage = config.usage[stage] = Usage()
     return usage
 
 
@@ -536,7 +544,7 @@ class EndpointClient:
         (values may be ``orjson.Fragment``, JSON serialised in advance, e.g. a schema shared by every request).
         """
         info = self._info or await self.info()
-        usage = usage_for(stage)
+        usage = usage_for(self.config, stage)
         cache = self.cache
         body = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
         if cache is None:
@@ -765,7 +773,6 @@ def get_client(config: EndpointConfig) -> EndpointClient:
 
 
 __all__ = [
-    "USAGE",
     "EndpointClient",
     "EndpointConfig",
     "EndpointError",

@@ -242,7 +242,7 @@ def test_run_handles_odd_rows_and_loses_none(case, run_stub, tmp_path) -> None:
             assert "empty or missing document" in row["reason"]
     derived = sum(1 for r in rows if not r.get("id"))
     report = json.loads((out / "run.json").read_text())
-    assert report["derived_ids"].get("corpus", 0) == derived
+    assert report["derived_ids"].get("instructions", 0) == derived
     card = (out / "README.md").read_text()
     assert (f"{derived} rows without an id got the hash of their text" in card) == bool(derived)
     if case == "a 1 MB text":  # the document is cut by tokens before it is sent: no megabyte request
@@ -294,7 +294,7 @@ def test_score_refuses_an_output_folder_holding_other_files(stub, tmp_path) -> N
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine", encoding="utf-8")
     result = score(tmp_path, write_jsonl(tmp_path / "in.jsonl", PROMPTS), stub.url)
-    assert_refused(result, f"{tmp_path / 'out'} already holds files", "--overwrite")
+    assert_refused(result, f"{tmp_path / 'out'} holds files that are not a synthq run", "--overwrite")
 
 
 HANDLED_SCORE = {
@@ -312,7 +312,8 @@ def test_score_handles_odd_rows_and_loses_none(case, stub, tmp_path) -> None:
     rows = HANDLED_SCORE[case]
     result = score(tmp_path, write_jsonl(tmp_path / "in.jsonl", rows), stub.url)
     assert_clean(result)
-    scored = load_dataset(str(tmp_path / "out"), "instructions", split="train")
+    splits = load_dataset(str(tmp_path / "out"), "instructions")  # a row that failed is in rejected
+    scored = [row for split in splits.values() for row in split]
     assert Counter((r["id"], r["prompt"]) for r in scored) == Counter(
         (r["id"] if r.get("id") else text_id(r.get("prompt") or ""), r.get("prompt")) for r in rows
     )
@@ -321,8 +322,9 @@ def test_score_handles_odd_rows_and_loses_none(case, stub, tmp_path) -> None:
             assert row["score_instruction_error"] is None and row["total_score"] is not None, row
         else:
             assert row["score_instruction_error"] == "score_instruction: empty or missing prompt", row
+            assert row["rejected_by"] == "score_instruction", row
     report = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert report["derived_ids"] == sum(1 for r in rows if not r.get("id"))
+    assert report["derived_ids"].get("instructions", 0) == sum(1 for r in rows if not r.get("id"))
     if case == "duplicate ids":  # same id and same text: the same request (payload and seed), the same answer
         twins = [r for r in scored if r["prompt"] == "a?"]
         assert len(twins) == 2 and twins[0]["scores"] == twins[1]["scores"]

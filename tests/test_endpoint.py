@@ -258,7 +258,7 @@ def test_raw_completion_uses_v1_completions(make_stub, make_config, stage, diale
     assert payload["max_tokens"] == 16
     assert payload["model"] == "stub-model"
     assert payload["seed"] == derive_seed(11, stage, "c1")
-    assert usage_for(stage).completion_tokens == 5
+    assert usage_for(config, stage).completion_tokens == 5
 
 
 @pytest.mark.parametrize(
@@ -319,7 +319,7 @@ def test_transient_fault_then_success(stub, make_config, stage, fault):
     assert stub.count("/v1/chat/completions") == 2
     first, second = (p for r, p in stub.requests if r == "/v1/chat/completions")
     assert first == second  # the retry is the same request (same seed)
-    usage = usage_for(stage)
+    usage = usage_for(config, stage)
     assert usage.retries == 1
     assert usage.requests == 1
     assert usage.failures == 0
@@ -327,12 +327,13 @@ def test_transient_fault_then_success(stub, make_config, stage, fault):
 
 def test_client_error_400_is_not_retried(stub, make_config, stage):
     stub.queue(("status", 400))
+    config = make_config(stub.url, cache=False)
     with pytest.raises(RequestFailed) as exc:
-        chat(make_config(stub.url, cache=False), stage=stage)
+        chat(config, stage=stage)
     assert "400" in str(exc.value)
     assert stub.count("/v1/chat/completions") == 1
-    assert usage_for(stage).retries == 0
-    assert usage_for(stage).failures == 1
+    assert usage_for(config, stage).retries == 0
+    assert usage_for(config, stage).failures == 1
 
 
 def test_retries_exhausted_names_url_and_last_reason(stub, make_config, stage):
@@ -346,8 +347,8 @@ def test_retries_exhausted_names_url_and_last_reason(stub, make_config, stage):
     assert "3 attempts" in message
     assert "\n" not in message
     assert stub.count("/v1/chat/completions") == 3
-    assert usage_for(stage).retries == 2
-    assert usage_for(stage).failures == 1
+    assert usage_for(config, stage).retries == 2
+    assert usage_for(config, stage).failures == 1
 
 
 def test_failed_request_becomes_a_row_error(stub, make_config):
@@ -553,7 +554,7 @@ def test_overloaded_server_shrinks_the_limit_and_everything_succeeds(stub, make_
     assert max(seen) <= cap
     assert limiter.inflight == 0
     assert stub.peak_inflight <= cap  # never more in flight than the cap
-    usage = usage_for(stage)
+    usage = usage_for(config, stage)
     assert usage.requests == total
     assert usage.failures == 0
     assert usage.retries > 0
@@ -765,10 +766,10 @@ def test_second_map_is_served_from_the_cache(stub, make_config):
     ds = Dataset.from_dict(ROWS)
     first = ds.map(score_instruction, fn_kwargs={"endpoint": config}, load_from_cache_file=False)
     assert stub.count("/v1/chat/completions") == 6
-    hits_before = usage_for(STAGE).cache_hits
+    hits_before = usage_for(config, STAGE).cache_hits
     second = ds.map(score_instruction, fn_kwargs={"endpoint": config}, load_from_cache_file=False)
     assert stub.count("/v1/chat/completions") == 6  # nothing sent
-    assert usage_for(STAGE).cache_hits - hits_before == 6
+    assert usage_for(config, STAGE).cache_hits - hits_before == 6
     assert second.to_list() == first.to_list()
     assert all(row[ERROR] is None and row["total_score"] == 7 for row in second)
 

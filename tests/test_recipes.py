@@ -59,22 +59,46 @@ def _own_cache_dir(tmp_path, monkeypatch):
 
 def test_bundled_recipes_load_and_overrides_reach_the_fields() -> None:
     recipe = load_recipe(
-        "demo", ["corpus.limit=2", "endpoints.generator.url=http://x:1", "instructions.filter.threshold=5"]
+        "demo",
+        [
+            "datasets.instructions.source.limit=2",
+            "endpoints.generator.url=http://x:1",
+            "datasets.instructions.stages.filter.threshold=5",
+        ],
     )
-    assert recipe.corpus.limit == 2
+    assert list(recipe.datasets) == ["demonstrations", "instructions", "preferences"]
+    instructions = recipe.datasets["instructions"]
+    assert instructions.source.limit == 2
     assert recipe.endpoints["generator"].url == "http://x:1"
-    assert recipe.instructions["filter"] == {"threshold": 5}
-    assert list(recipe.instructions) == ["generate_instruction", "score_instruction", "filter", "dedup"]
-    assert load_recipe("synthquestions").corpus.streaming is True
+    assert instructions.stages["filter"] == {"threshold": 5}
+    assert list(instructions.stages) == ["generate_instruction", "score_instruction", "filter", "dedup"]
+    assert recipe.datasets["preferences"].source.from_ == "instructions"
+    assert recipe.main == "instructions"
+    synthquestions = load_recipe("synthquestions")
+    assert synthquestions.datasets["instructions"].source.streaming is True
+    assert "preferences" not in load_recipe("synthquestions", ["datasets.preferences=false"]).datasets
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["corpus.limitt=3"], "unknown key corpus.limitt; valid keys: dataset, text_column"),
-        (["instructions.score_instruction.thresh=3"], "unknown parameter instructions.score_instruction.thresh"),
-        (["instructions.rank=1"], "unknown stage instructions.rank"),
-        (["instructions.score_instruction.endpoint=guard"], "needs endpoints.guard"),
+        (
+            ["datasets.instructions.source.limitt=3"],
+            "unknown key datasets.instructions.source.limitt; valid keys: dataset, text_column",
+        ),
+        (
+            ["datasets.instructions.stages.score_instruction.thresh=3"],
+            "unknown parameter datasets.instructions.stages.score_instruction.thresh",
+        ),
+        (["datasets.instructions.stages.rank=1"], "unknown stage datasets.instructions.stages.rank"),
+        (["datasets.instructions.stages.score_instruction.endpoint=guard"], "needs endpoints.guard"),
+        (["corpus.limit=3"], "'corpus' is a key of the older recipe form; this recipe lists datasets"),
+        (["datasets.preferences.source.from=nowhere"], "'nowhere' is not a dataset listed before 'preferences'"),
+        (
+            ["datasets.instructions.stages.generate_instruction.demonstrations=preferences"],
+            "'preferences' is not a dataset listed before 'instructions'",
+        ),
+        (["datasets.preferences.source.dataset=x.jsonl"], "needs exactly one of dataset, from, generate"),
         (["nonsense"], "--set expects KEY=VALUE"),
         (["endpoints.generator.dialect=grpc"], "unknown dialect 'grpc'"),
     ],
@@ -102,7 +126,7 @@ def test_yaml_typo_names_the_line(tmp_path, capsys) -> None:
 def test_a_stage_can_be_switched_off(tmp_path) -> None:
     data = recipe_data("http://x:1", tmp_path)
     data["instructions"]["score_instruction"] = False
-    assert list(build_recipe(data).instructions) == ["generate_instruction", "filter"]
+    assert list(build_recipe(data).datasets["instructions"].stages) == ["generate_instruction", "filter"]
 
 
 # --- runs against the stub server --------------------------------------------------------------------------------

@@ -95,9 +95,9 @@ def test_json_schema_output_is_valid_through_score_instruction(endpoint: Endpoin
 
 def test_truncation_counts_on_the_servers_tokenize_route(endpoint: EndpointConfig) -> None:
     text = " ".join(ROWS * 10)
-    before = usage_for("tokenize").requests
+    before = usage_for(endpoint, "tokenize").requests
     cut, count, was_cut = asyncio.run(tokens.truncate_tokens(text, 20, endpoint))
-    assert usage_for("tokenize").requests > before  # counted by the server, not estimated
+    assert usage_for(endpoint, "tokenize").requests > before  # counted by the server, not estimated
     assert was_cut and text.startswith(cut)
     assert 15 <= count <= 20
     assert asyncio.run(tokens.count_tokens(cut, endpoint)) == count

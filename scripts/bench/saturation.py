@@ -151,19 +151,18 @@ def run_map(
     """(completion tokens/s, what was in flight, wall seconds, what the stage's usage says)."""
     from datasets import Dataset
 
-    from synthq_hf.endpoint import USAGE
     from synthq_hf.stages import output_features, score_instruction
 
     ds = Dataset.from_dict({"prompt": prompts})
     batching = {"batched": True, "batch_size": batch_size} if batch_size else {}
     features = output_features(ds.features, score_instruction)
-    USAGE.pop("score_instruction", None)
+    config.usage.pop("score_instruction", None)
     with Sampler(_limiter_state) as sampled:
         start = time.perf_counter()
         kwargs = {"endpoint": config, "attempts": attempts}
         out = ds.map(score_instruction, fn_kwargs=kwargs, features=features, **batching)
         wall = time.perf_counter() - start
-    usage = USAGE["score_instruction"]
+    usage = config.usage["score_instruction"]
     failed = sum(e is not None for e in out["score_instruction_error"])
     note = f"{usage.requests} requests, {failed} rows failed"
     return usage.completion_tokens / wall, sampled, wall, note

@@ -1,9 +1,12 @@
-"""Run a recipe: seeds → demonstrations, corpus → instructions, written as a Hub-layout folder with a card.
+"""Run a recipe: its named datasets in order, each one source → its stages in order → a config with
+``train`` and ``rejected`` splits, written as a Hub-layout folder with a card.
 
-The corpus side streams: an ``IterableDataset`` flows through the row stages and each row lands in a ``train`` or
-``rejected`` shard as it arrives (``output.ShardWriter``), so memory stays flat however large the corpus. Global
-stages (dedup, topic balancing) need every row at once; they run afterwards over the written ``train`` split,
-which ``datasets`` memory-maps from disk, and send what they drop to ``rejected``.
+Row stages stream: an ``IterableDataset`` (or a ``Dataset``) flows through chained ``map`` calls and each row
+lands in a ``train`` or ``rejected`` shard as it arrives (``output.ShardWriter``), so memory stays flat however
+large the corpus. A global stage needs every row at once: the rows kept so far are written first, the stage runs
+over them (``datasets`` memory-maps them from disk), sends what it drops to ``rejected``, and the stages after
+it go on from what it kept. The runner knows no stage by name: each stage module declares its
+:class:`~synthq_hf.stages._step.Step` (:mod:`synthq_hf.stages.registry`).
 
 Resuming: every answer is in the durable request cache, so running the same recipe into the same folder again
 re-sends only what was never answered and writes the same output.
@@ -20,8 +23,8 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,185 +32,78 @@ import datasets.config
 from datasets import Dataset, Features, IterableDataset, Value
 
 from synthq_hf import output, prompts
-from synthq_hf.endpoint import USAGE, EndpointConfig, get_client
+from synthq_hf.endpoint import EndpointConfig, get_client
 from synthq_hf.inputs import open_dataset, resolve_source
-from synthq_hf.recipes.recipe import Recipe, RecipeError
+from synthq_hf.recipes.recipe import DatasetSpec, Recipe, RecipeError, SourceSpec
 from synthq_hf.stages._common import has_id, with_id
+from synthq_hf.stages._step import Step
+from synthq_hf.stages.registry import steps
 from synthq_hf.stages.reject import FEATURES as REJECT_FEATURES
-from synthq_hf.stages.reject import mark_rejected, split_rejected
+from synthq_hf.stages.reject import mark_rejected
 
 log = logging.getLogger(__name__)
 MARKER = ".synthq-recipe.json"
+WORK = ".work"
+
+Rows = Dataset | IterableDataset
 
 
-def _stage(module: str, name: str) -> Callable[[], Callable]:
-    def load() -> Callable:
-        return getattr(__import__(f"synthq_hf.stages.{module}", fromlist=[name]), name)
+@dataclass
+class Run:
+    """What one run holds while it goes: resources opened up front, the named datasets' kept rows, the counts."""
 
-    return load
+    recipe: Recipe
+    out: Path
+    inputs: dict[str, Rows]
+    search: dict[str, Any]
+    limit: int | None = None
+    train: dict[str, Dataset] = field(default_factory=dict)
+    derived_ids: Counter[str] = field(default_factory=Counter)
 
-
-@dataclass(frozen=True)
-class Step:
-    """How a recipe line runs: ``row`` stages map over rows (streaming), ``global`` ones take the whole split."""
-
-    kind: str
-    load: Callable[[], Callable]
-    role: str | None = None  # endpoint role it calls; ``endpoint: <role>`` in its parameters picks another
-    fixed: tuple[str, ...] = ()  # arguments the runner supplies
-    post: Callable[[], Callable] | None = None  # a marking function mapped right after (takes its own parameters)
-
-    def functions(self) -> list[Callable]:
-        return [self.load()] + ([self.post()] if self.post else [])
-
-    def split(self, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The recipe line's parameters for the stage and for its ``post`` function."""
-        post_names = set(list(inspect.signature(self.post()).parameters)[1:]) if self.post else set()
-        return (
-            {k: v for k, v in params.items() if k not in post_names and k != "endpoint"},
-            {k: v for k, v in params.items() if k in post_names},
+    def tokens(self) -> int:
+        return sum(
+            u.prompt_tokens + u.completion_tokens for cfg in self.recipe.endpoints.values() for u in cfg.usage.values()
         )
 
-    def check(self, params: dict[str, Any], where: str, recipe: Recipe) -> None:
-        allowed = [
-            name
-            for fn in self.functions()
-            for name in list(inspect.signature(fn).parameters)[1:]
-            if name not in self.fixed and name != "endpoint"
-        ]
-        if self.role:
-            allowed.append("endpoint")
-        for key in params:
-            if key not in allowed:
-                raise RecipeError(f"unknown parameter {where}.{key}; valid: {', '.join(allowed)}")
-        if self.role:
-            role = params.get("endpoint", self.role)
-            if role not in recipe.endpoints and not (role == "judge" and "generator" in recipe.endpoints):
-                raise RecipeError(f"{where} needs endpoints.{role}; the recipe has {', '.join(recipe.endpoints)}")
+
+@dataclass
+class Result:
+    """One named dataset's outcome: its splits' shard globs, its rows per stage, rejection reasons, figures."""
+
+    splits: dict[str, str | None]
+    table: list[dict[str, Any]]
+    reasons: dict[str, dict[str, int]]
+    stats: dict[str, dict[str, Any]]
+    facts: dict[str, Any]
 
 
-STEPS: dict[str, Step] = {
-    "extract_keywords": Step("row", _stage("extract_keywords", "extract_keywords"), "generator"),
-    "search_documents": Step("row", _stage("search_documents", "search_documents"), None, ("index", "web")),
-    "ground": Step("row", _stage("ground", "ground"), "generator"),
-    "generate_instruction": Step(
-        "row", _stage("generate_instruction", "generate_instruction"), "generator", ("demonstrations",)
-    ),
-    "score_instruction": Step("row", _stage("score_instruction", "score_instruction"), "judge"),
-    "filter": Step("mark", _stage("reject", "mark_rejected")),
-    "moderate": Step("row", _stage("moderate", "moderate"), "guard", post=_stage("moderate", "mark_unsafe")),
-    "dedup": Step("global", _stage("dedup", "dedup")),
-    "decontaminate": Step("global", _stage("decontaminate", "decontaminate")),
-    "balance_topics": Step("global", lambda: embed_and_balance),
-}
-#: Columns global stages add to the rows they reject or keep: part of the config's one schema from the start.
-GLOBAL_FEATURES = {
-    "dedup": Features({"duplicate_of": Value("string")}),
-    "balance_topics": Features({"topic": Value("int64"), "topic_label": Value("string")}),
-}
-
-
-def embed_and_balance(
-    ds: Dataset,
-    target_size: int,
-    n_topics: int = 100,
-    sample_size: int = 200_000,
-    seed: int = 0,
-    model: str | None = None,
-    embed_batch_size: int = 256,
-    num_proc: int | None = None,
-) -> tuple[Dataset, Dataset]:
-    """The recipe's ``balance_topics`` line: embed the prompts (packaged MiniLM unless ``model`` names another
-    sentence-transformers folder), then select ``target_size`` rows round-robin over BERTopic topics.
-
-    The embeddings are not written to the output (1.5 KB a row); the diversity of the kept rows against all rows
-    is kept in ``DIVERSITY`` for the run report. Needs the ``topics`` extra (torch, sentence-transformers, bertopic).
-    """
-    from synthq_hf.stages.balance_topics import balance_topics, diversity
-    from synthq_hf.stages.embed import embed_dataset
-
-    if "embedding" not in ds.column_names:
-        ds = embed_dataset(ds, batch_size=embed_batch_size, num_proc=num_proc, model=model)
-    kept, rejected = balance_topics(ds, target_size, n_topics=n_topics, sample_size=sample_size, seed=seed)
-    DIVERSITY.clear()
-    for name, part in (("kept", kept), ("before balancing", ds)):
-        for metric, value in diversity(part, seed=seed).items():
-            DIVERSITY[f"{metric} ({name})"] = value
-    return kept, rejected
-
-
-#: Diversity figures of the last :func:`embed_and_balance` (the card shows them).
-DIVERSITY: dict[str, float] = {}
-#: Rows per input (``seeds``, ``corpus``) of the last run that had no id and got the hash of their text.
-DERIVED_IDS: Counter[str] = Counter()
-
-
-def _fill_id(row: dict[str, Any], text_column: str, source: str) -> dict[str, str]:
+def _fill_id(row: dict[str, Any], text_column: str, source: str, counts: Counter[str]) -> dict[str, str]:
     if not has_id(row):
-        DERIVED_IDS[source] += 1
+        counts[source] += 1
     return with_id(row, text_column)
 
 
-def _with_ids(ds: Dataset | IterableDataset, text_column: str, source: str) -> Dataset | IterableDataset:
+def _with_ids(ds: Rows, text_column: str, source: str, counts: Counter[str]) -> Rows:
     """Every row with a text ``id``: its own, else the hash its requests are seeded with (counted for the card).
     Output rows can then always be named, e.g. by ``demonstration_ids`` and ``duplicate_of``."""
     features = Features({**ds.features, "id": Value("string")})
-    return _map(ds, _fill_id, {"text_column": text_column, "source": source}, features, f"{source} ids")
+    kwargs = {"text_column": text_column, "source": source, "counts": counts}
+    return _map(ds, _fill_id, kwargs, features, f"{source} ids")
 
 
-async def skip_rejected(row: dict[str, Any], _stage_fn: Callable, **kwargs: Any) -> dict[str, Any]:
+async def skip_rejected(row: dict[str, Any], _stage_fn: Callable, _empty: dict, **kwargs: Any) -> dict[str, Any]:
     """Run ``_stage_fn`` unless an earlier step already rejected the row: no requests for rows that are out.
 
     A skipped row gets the stage's columns empty (and no ``<stage>_error``): its reason is the earlier one.
     """
     if row.get("rejected_by"):
-        return {name: None for name in sys.modules[_stage_fn.__module__].FEATURES}
+        return _empty
     result = _stage_fn(row, **kwargs)
     return await result if inspect.isawaitable(result) else result
 
 
-def _endpoint(recipe: Recipe, step: Step, params: dict[str, Any]) -> EndpointConfig:
-    role = params.get("endpoint", step.role)
-    if role == "judge" and role not in recipe.endpoints:
-        role = "generator"
-    return recipe.endpoints[role]
-
-
-def _features(module_name: str) -> Features:
-    return sys.modules[module_name].FEATURES
-
-
-def _apply_row_steps(
-    ds: Dataset | IterableDataset,
-    pipeline: dict[str, dict[str, Any]],
-    recipe: Recipe,
-    features: Features,
-    extra: dict[str, Any],
-) -> tuple[Dataset | IterableDataset, Features]:
-    """Chain the pipeline's row stages as ``map`` calls; returns the dataset and its final features."""
-    for name, params in pipeline.items():
-        step = STEPS[name]
-        if step.kind == "global":
-            continue
-        fn = step.load()
-        kwargs, post_kwargs = step.split(params)
-        if step.role:
-            kwargs["endpoint"] = _endpoint(recipe, step, params)
-        kwargs.update({key: extra[key] for key in step.fixed if key in extra})
-        if "rejected_by" in features and step.kind == "row":  # after the filter: rejected rows cost nothing
-            kwargs["_stage_fn"], fn = fn, skip_rejected
-            features = Features({**features, **_features(kwargs["_stage_fn"].__module__)})
-        else:
-            features = Features({**features, **_features(fn.__module__)})
-        ds = _map(ds, fn, kwargs, features, name)
-        if step.post:
-            features = Features({**features, **REJECT_FEATURES})  # post functions are marking functions
-            ds = _map(ds, step.post(), post_kwargs, features, f"{name} marks")
-    return ds, features
-
-
-def _map(ds: Dataset | IterableDataset, fn: Callable, kwargs: dict, features: Features, desc: str):
-    map_kwargs: dict[str, Any] = {"fn_kwargs": kwargs, "features": features}
+def _map(ds: Rows, fn: Callable, kwargs: dict, features: Features, desc: str, **extra: Any) -> Rows:
+    map_kwargs: dict[str, Any] = {"fn_kwargs": kwargs, "features": features, **extra}
     if isinstance(ds, Dataset):
         map_kwargs.update(desc=desc, load_from_cache_file=False)
     return ds.map(fn, **map_kwargs)
@@ -222,8 +118,8 @@ def _summary(reason: str | None) -> str:
 class _Tally:
     """Counts per stage while rows stream past: who rejected what, and each stage's row errors."""
 
-    def __init__(self, stages: list[str]):
-        self.stages = stages
+    def __init__(self, dataset: str, stages: list[str]):
+        self.dataset, self.stages = dataset, list(stages)
         self.rows = 0
         self.rejected_by: Counter[str] = Counter()
         self.reasons: dict[str, Counter[str]] = {}
@@ -238,16 +134,61 @@ class _Tally:
         if by:
             self.rejected_by[by] += 1
             self.reasons.setdefault(by, Counter())[_summary(row.get("reason"))] += 1
+            if by not in self.stages:  # a marking line (filter) rejects in the name of the stage it reads
+                self.stages.append(by)
 
     def table(self) -> list[dict[str, Any]]:
         rows, table = self.rows, []
         for stage in self.stages:
             rejected = self.rejected_by.get(stage, 0)
             table.append(
-                {"name": stage, "in": rows, "out": rows - rejected, "rejected": rejected, "errors": self.errors[stage]}
+                {
+                    "dataset": self.dataset,
+                    "name": stage,
+                    "in": rows,
+                    "out": rows - rejected,
+                    "rejected": rejected,
+                    "errors": self.errors[stage],
+                }
             )
             rows -= rejected
         return table
+
+
+class _Progress:
+    """Rows/s, tokens/s, errors and ETA while rows stream: a tqdm bar on a terminal, a plain line every
+    ``every_s`` seconds otherwise (logs and CI keep a readable record)."""
+
+    def __init__(self, name: str, total: int | None, tokens: Callable[[], int], every_s: float = 15.0):
+        from tqdm.auto import tqdm
+
+        self.name, self.total, self.tokens, self.every_s = name, total, tokens, every_s
+        self.started = self.last = time.monotonic()
+        self.rows = 0
+        self.bar = tqdm(total=total, desc=name, unit="row", mininterval=1.0) if sys.stderr.isatty() else None
+
+    def update(self, kept: int, rejected: int, errors: int) -> None:
+        self.rows += 1
+        now = time.monotonic()
+        if self.bar is not None:
+            self.bar.update(1)
+            rate = self.tokens() / max(now - self.started, 1e-9)
+            self.bar.set_postfix(kept=kept, rejected=rejected, errors=errors, tok_s=f"{rate:.0f}", refresh=False)
+        elif now - self.last >= self.every_s or self.rows == self.total:
+            self.last = now
+            elapsed = max(now - self.started, 1e-9)
+            eta = f", ETA {(self.total - self.rows) * elapsed / self.rows:.0f}s" if self.total else ""
+            print(
+                f"{self.name}: {self.rows}{f'/{self.total}' if self.total else ''} rows "
+                f"({kept} kept, {rejected} rejected, {errors} errors), {self.rows / elapsed:.2f} rows/s, "
+                f"{self.tokens() / elapsed:.0f} tokens/s{eta}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _prepare(out: Path, recipe: Recipe, overwrite: bool) -> None:
@@ -278,14 +219,15 @@ def _prepare(out: Path, recipe: Recipe, overwrite: bool) -> None:
 
 
 def _index_for(recipe: Recipe) -> str:
-    """The BM25 index folder: the recipe's, or one built once from a local corpus and kept in the cache."""
+    """The BM25 index folder: the recipe's, or one built once from the main input and kept in the cache."""
     if recipe.search.index:
         return recipe.search.index
-    source = resolve_source(recipe.corpus.dataset)
-    if not Path(source).exists():
+    spec = recipe.datasets[recipe.main].source
+    source = resolve_source(spec.dataset) if spec.dataset else None
+    if source is None or not Path(source).exists():
         raise RecipeError(
-            "search.index is not set and the corpus is not a local file to index; build one with "
-            f"`synthq index build --dataset {recipe.corpus.dataset} --text-column {recipe.corpus.text_column} "
+            "search.index is not set and the main input is not a local file to index; build one with "
+            f"`synthq index build --dataset {spec.dataset} --text-column {spec.text_column} "
             "--out DIR` and pass --set search.index=DIR"
         )
     from synthq_hf.cache import default_cache_path
@@ -295,18 +237,33 @@ def _index_for(recipe: Recipe) -> str:
     key = hashlib.blake2b(f"{Path(source).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode(), digest_size=8)
     folder = default_cache_path().parent / "indexes" / f"{Path(source).stem}-{key.hexdigest()}"
     if not folder.exists():  # build_index writes to <folder>.partial and renames: a folder is a finished index
-        columns = open_dataset(source, split=recipe.corpus.split, text_column=recipe.corpus.text_column).column_names
+        columns = open_dataset(source, split=spec.split, text_column=spec.text_column).column_names
         build_index(
             source,
-            text_column=recipe.corpus.text_column,
+            text_column=spec.text_column,
             out=folder,
             id_column="id" if "id" in columns else None,
             url_column="url" if "url" in columns else None,
-            split=recipe.corpus.split,
+            split=spec.split,
             streaming=False,
             progress=False,
         )
     return str(folder)
+
+
+def _search(recipe: Recipe) -> dict[str, Any]:
+    """The search backend, opened once for every stage that needs it: ``{"index": folder}`` or ``{"web": …}``."""
+    registry = steps()
+    wanted = any(
+        "search" in registry[stage].needs.values() for spec in recipe.datasets.values() for stage in spec.stages
+    )
+    if not wanted:
+        return {}
+    if recipe.search.backend == "web":
+        from synthq_hf.search.web import WebSearchConfig
+
+        return {"web": WebSearchConfig(**recipe.search.web)}
+    return {"index": _index_for(recipe)}
 
 
 def _describe_endpoints(recipe: Recipe) -> dict[str, dict[str, Any]]:
@@ -329,165 +286,242 @@ def _describe_endpoints(recipe: Recipe) -> dict[str, dict[str, Any]]:
     return {"models": models, "endpoints": endpoints}
 
 
-def _demonstrations(recipe: Recipe, out: Path) -> tuple[Dataset, dict[str, str], list[dict[str, Any]], dict]:
-    spec = recipe.seeds
-    seeds = open_dataset(spec.dataset, config=spec.config, split=spec.split, text_column=spec.text_column)
-    if recipe.seeds.limit:
-        seeds = seeds.select(range(min(recipe.seeds.limit, len(seeds))))
-    if recipe.seeds.text_column != "prompt":
-        seeds = seeds.rename_column(recipe.seeds.text_column, "prompt")
-    seeds = _with_ids(seeds, "prompt", "seeds")
-    extra: dict[str, Any] = {}
-    if "search_documents" in recipe.demonstrations:
-        if recipe.search.backend == "web":
-            from synthq_hf.search.web import WebSearchConfig
-
-            extra["web"] = WebSearchConfig(**recipe.search.web)
-        else:
-            extra["index"] = _index_for(recipe)
-    mapped, features = _apply_row_steps(seeds, recipe.demonstrations, recipe, seeds.features, extra)
-    marked = mapped.map(
-        mark_rejected,
-        fn_kwargs={"threshold": None},
-        features=Features({**features, **REJECT_FEATURES}),
-        load_from_cache_file=False,
-        desc="mark rejected",
-    )
-    tally = _Tally(list(recipe.demonstrations))
-    marks = [c for c in marked.column_names if c.endswith("_error") or c in ("rejected_by", "reason")]
-    for row in marked.select_columns(marks):
-        tally.add(row)
-    kept, rejected = split_rejected(marked)
-    splits = {
-        "train": output.write_split(kept, out, "demonstrations", "train"),
-        "rejected": output.write_split(rejected, out, "demonstrations", "rejected"),
-    }
-    return kept, splits, tally.table(), {k: dict(v) for k, v in tally.reasons.items()}
-
-
-class _Progress:
-    """Rows/s, tokens/s, errors and ETA while rows stream: a tqdm bar on a terminal, a plain line every
-    ``every_s`` seconds otherwise (logs and CI keep a readable record)."""
-
-    def __init__(self, total: int | None, every_s: float = 15.0):
-        from tqdm.auto import tqdm
-
-        self.total, self.every_s = total, every_s
-        self.started = self.last = time.monotonic()
-        self.rows = 0
-        self.bar = tqdm(total=total, desc="instructions", unit="row", mininterval=1.0) if sys.stderr.isatty() else None
-
-    def update(self, kept: int, rejected: int, errors: int) -> None:
-        self.rows += 1
-        tokens = sum(u.prompt_tokens + u.completion_tokens for u in USAGE.values())
-        now = time.monotonic()
-        if self.bar is not None:
-            self.bar.update(1)
-            rate = tokens / max(now - self.started, 1e-9)
-            self.bar.set_postfix(kept=kept, rejected=rejected, errors=errors, tok_s=f"{rate:.0f}", refresh=False)
-        elif now - self.last >= self.every_s or self.rows == self.total:
-            self.last = now
-            elapsed = max(now - self.started, 1e-9)
-            eta = f", ETA {(self.total - self.rows) * elapsed / self.rows:.0f}s" if self.total else ""
-            print(
-                f"instructions: {self.rows}{f'/{self.total}' if self.total else ''} rows "
-                f"({kept} kept, {rejected} rejected, {errors} errors), {self.rows / elapsed:.2f} rows/s, "
-                f"{tokens / elapsed:.0f} tokens/s{eta}",
-                file=sys.stderr,
-                flush=True,
+def _open_inputs(recipe: Recipe, given: dict[str, Rows]) -> dict[str, Rows]:
+    """Every outside source, opened (and, for local files, checked line by line) before the folder is touched."""
+    opened = {}
+    for name, spec in recipe.datasets.items():
+        source = spec.source
+        if name in given:
+            opened[name] = given[name]
+        elif source.dataset is not None:
+            opened[name] = open_dataset(
+                source.dataset,
+                config=source.config,
+                split=source.split,
+                streaming=source.streaming,
+                text_column=source.text_column,
             )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    return opened
 
 
-def _instructions(
-    recipe: Recipe,
-    out: Path,
-    demonstrations: Dataset,
-    limit: int | None,
-    corpus: Dataset | IterableDataset | None = None,
-) -> tuple[dict[str, str], list[dict[str, Any]], dict]:
-    spec = recipe.corpus
-    if corpus is None:
-        corpus = open_dataset(
-            spec.dataset, config=spec.config, split=spec.split, streaming=spec.streaming, text_column=spec.text_column
+def _generated(n: int) -> Iterator[dict[str, str]]:
+    for i in range(n):
+        yield {"id": str(i)}
+
+
+def _source_rows(run: Run, name: str, source: SourceSpec) -> tuple[Rows, int | None]:
+    """The dataset's rows as its stages read them (text column renamed, ids filled) and how many, if known."""
+    limit = (run.limit or source.limit) if name == run.recipe.main else source.limit
+    if source.from_ is not None:
+        rows = run.train[source.from_]
+        if limit:
+            rows = rows.select(range(min(limit, rows.num_rows)))
+    elif source.generate is not None:
+        n = min(source.generate, limit) if limit else source.generate
+        rows = IterableDataset.from_generator(
+            _generated, gen_kwargs={"n": n}, features=Features({"id": Value("string")})
         )
-    limit = limit or spec.limit
-    if limit and isinstance(corpus, IterableDataset):
-        corpus = corpus.take(limit)  # counts streamed rows; nothing past them is read
-    elif limit:
-        corpus = corpus.select(range(min(limit, len(corpus))))
-    if isinstance(corpus, IterableDataset) and corpus.features is None:
-        corpus = corpus._resolve_features()
-    if spec.text_column != "document":
-        corpus = corpus.rename_column(spec.text_column, "document")
-    corpus = _with_ids(corpus, "document", "corpus")
-    row_steps = {k: v for k, v in recipe.instructions.items() if STEPS[k].kind != "global"}
-    mapped, features = _apply_row_steps(corpus, row_steps, recipe, corpus.features, {"demonstrations": demonstrations})
-    filtering = "filter" in recipe.instructions
+        return rows, n
+    else:
+        rows = run.inputs[name]
+        if limit and isinstance(rows, IterableDataset):
+            rows = rows.take(limit)  # counts streamed rows; nothing past them is read
+        elif limit:
+            rows = rows.select(range(min(limit, len(rows))))
+        if isinstance(rows, IterableDataset) and rows.features is None:
+            rows = rows._resolve_features()
+    text = source.text_column if source.from_ is None else None
+    if source.as_ and text and text != source.as_:
+        rows = rows.rename_column(text, source.as_)
+        text = source.as_
+    if source.from_ is None:
+        rows = _with_ids(rows, text or source.as_ or "text", name, run.derived_ids)
+    total = limit if isinstance(rows, IterableDataset) else rows.num_rows
+    return rows, total
+
+
+def _call_kwargs(run: Run, step: Step, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The stage's keyword arguments (endpoint and needs resolved) and its ``post`` function's."""
+    post_names = set(list(inspect.signature(step.post).parameters)[1:]) if step.post else set()
+    kwargs = {k: v for k, v in params.items() if k not in post_names and k != "endpoint"}
+    post_kwargs = {k: v for k, v in params.items() if k in post_names}
+    if step.role:
+        role = params.get("endpoint", step.role)
+        if role == "judge" and role not in run.recipe.endpoints:
+            role = "generator"
+        kwargs["endpoint"] = run.recipe.endpoints[role]
+    for param, kind in step.needs.items():
+        if kind == "search":
+            if param in run.search:
+                kwargs[param] = run.search[param]
+        elif kind == "dataset":
+            kwargs[param] = run.train[params.get(param, param)]
+    return kwargs, post_kwargs
+
+
+def _chain(run: Run, rows: Rows, stages: list[tuple[str, dict[str, Any]]]) -> Rows:
+    """The row and batch stages as chained ``map`` calls, then the marking that routes failed rows."""
+    registry = steps()
+    features = rows.features
+    for name, params in stages:
+        step = registry[name]
+        fn = step.fn
+        kwargs, post_kwargs = _call_kwargs(run, step, params)
+        if "rejected_by" in features and step.skip_rejected and step.kind == "row":
+            empty = {column: None for column in step.features}
+            kwargs = {**kwargs, "_stage_fn": fn, "_empty": empty}
+            fn = skip_rejected
+        features = Features({**features, **step.features})
+        extra = {"batched": True, "batch_size": step.batch_size} if step.kind == "batch" else {}
+        rows = _map(rows, fn, kwargs, features, name, **extra)
+        if step.post:
+            features = Features({**features, **(step.post_features or {})})
+            rows = _map(rows, step.post, post_kwargs, features, f"{name} marks")
     features = Features({**features, **REJECT_FEATURES})
-    if "filter" not in recipe.instructions:
-        mapped = mapped.map(mark_rejected, fn_kwargs={"threshold": None}, features=features)
-    # Every split of a config must share one schema (datasets refuses to load it otherwise): train carries the
-    # empty rejected_by/reason columns, and both carry the columns global stages add, from the start.
-    global_steps = {k: v for k, v in recipe.instructions.items() if STEPS[k].kind == "global"}
-    for name in global_steps:
-        features = Features({**features, **GLOBAL_FEATURES.get(name, {})})
-    shard_rows = recipe.output.shard_rows
-    streamed_to = out / ".work" if global_steps else out  # global stages rewrite train from this first pass
-    train = output.ShardWriter(streamed_to, "instructions", "train", features, shard_rows=shard_rows)
-    rejected = output.ShardWriter(out, "instructions", "rejected", features, shard_rows=shard_rows)
-    stages_seen = [s for s in row_steps if s != "filter"]
-    if filtering and "score_instruction" not in stages_seen:
-        stages_seen.append("score_instruction")  # the filter's rejections are the score's
-    tally = _Tally(stages_seen)
-    progress = _Progress(limit)
-    kept_rows = rejected_rows = errors = 0
-    for row in mapped if isinstance(mapped, IterableDataset) else mapped.to_iterable_dataset():
-        tally.add(row)
-        if row.get("rejected_by"):
-            rejected.add(row)
-            rejected_rows += 1
-            errors += any(row.get(f"{s}_error") for s in stages_seen)
-        else:
-            train.add(row)
-            kept_rows += 1
-        progress.update(kept_rows, rejected_rows, errors)
-    progress.close()
-    train_glob = train.close()
-    table, reasons = tally.table(), {k: dict(v) for k, v in tally.reasons.items()}
-    if global_steps:
-        kept = None
-        if train_glob:  # kept rows' empty rejected_by/reason go: global stages write their own
-            kept = Dataset.from_parquet(sorted(str(p) for p in streamed_to.glob(train_glob)))
-            kept = kept.remove_columns([c for c in REJECT_FEATURES if c in kept.column_names])
-        for name, params in global_steps.items():
-            before = kept.num_rows if kept is not None else 0
-            dropped = 0
-            if kept is not None and before:
-                print(f"instructions: {name} over {before} kept rows", file=sys.stderr, flush=True)
-                kept, dropped_rows = STEPS[name].load()(kept, **params)
-                dropped = dropped_rows.num_rows
-                marks = Counter(_summary(r) for r in dropped_rows["reason"])
-                reasons[name] = dict(marks)
-                rejected.add_dataset(_conform(dropped_rows, features))
-            table.append({"name": name, "in": before, "out": before - dropped, "rejected": dropped, "errors": 0})
-        final = output.ShardWriter(out, "instructions", "train", features, shard_rows=shard_rows)
-        if kept is not None:
-            final.add_dataset(_conform(kept, features))
-        train_glob = final.close()
-        shutil.rmtree(streamed_to, ignore_errors=True)
-    return {"train": train_glob, "rejected": rejected.close()}, table, reasons
+    return _map(rows, mark_rejected, {"threshold": None}, features, "mark rejected")
 
 
-def _conform(ds: Dataset, features: Features) -> Dataset:
-    """``ds`` with the config's columns: missing ones added empty, then cast to the one schema."""
+def _schema(rows: Rows, name: str, spec: DatasetSpec) -> tuple[Features, Features]:
+    """(every column the stages make, the config's schema). Both are known before the first row: every split of a
+    config must share one schema for ``load_dataset`` to open them, so both carry the columns every stage adds
+    (global ones too) from the start. The config's schema applies the dataset's ``rename`` and ``columns``."""
+    registry = steps()
+    full = dict(rows.features)
+    for name in spec.stages:
+        step = registry[name]
+        full.update(step.features)
+        if step.post_features:
+            full.update(step.post_features)
+    full.update(REJECT_FEATURES)
+    shaped = {spec.rename.get(k, k): v for k, v in full.items()}
+    if spec.columns is not None:
+        missing = [c for c in spec.columns if c not in shaped]
+        if missing:
+            raise RecipeError(
+                f"datasets.{name}.columns: no stage makes {', '.join(missing)}; there are {', '.join(shaped)}"
+            )
+        shaped = {k: shaped[k] for k in dict.fromkeys([*spec.columns, *REJECT_FEATURES])}
+    return Features(full), Features(shaped)
+
+
+def _shaped(row: dict[str, Any], rename: dict[str, str]) -> dict[str, Any]:
+    return {rename.get(k, k): v for k, v in row.items()} if rename else row
+
+
+def _conform(ds: Dataset, features: Features, rename: dict[str, str]) -> Dataset:
+    """``ds`` with the config's columns: renamed, missing ones added empty, then cast to the one schema."""
+    if rename:
+        ds = ds.rename_columns({k: v for k, v in rename.items() if k in ds.column_names})
     for name, feature in features.items():
         if name not in ds.column_names:
             ds = ds.add_column(name, [None] * ds.num_rows, feature=feature)
     return ds.select_columns(list(features)).cast(features)
+
+
+def _segments(spec: DatasetSpec) -> list[list[tuple[str, dict[str, Any]]]]:
+    """The stages cut after each global stage: each segment streams its row stages, then runs its global one."""
+    registry = steps()
+    segments: list[list[tuple[str, dict[str, Any]]]] = [[]]
+    for stage, params in spec.stages.items():
+        segments[-1].append((stage, params))
+        if registry[stage].kind == "global":
+            segments.append([])
+    return segments
+
+
+def _run_dataset(run: Run, name: str, spec: DatasetSpec) -> Result:
+    """One named dataset: its stages in order, streamed between global stages, into its config."""
+    registry = steps()
+    rows, total = _source_rows(run, name, spec.source)
+    full, shaped = _schema(rows, name, spec)
+    shard_rows = run.recipe.output.shard_rows
+    result = Result({}, [], {}, {}, {})
+    for stage, params in spec.stages.items():
+        describe = registry[stage].describe
+        if describe is not None:
+            result.facts.update(describe(**params))
+    rejected = output.ShardWriter(run.out, name, "rejected", shaped, shard_rows=shard_rows)
+    segments = _segments(spec)
+    kept: Rows = rows
+    train_glob = None
+    for number, segment in enumerate(segments):
+        row_stages = [(s, p) for s, p in segment if registry[s].kind != "global"]
+        final = number == len(segments) - 1
+        # Rows kept before a global stage keep every column (later stages may read one the config leaves out).
+        folder, features, rename = (run.out, shaped, spec.rename) if final else (run.out / WORK / name, full, {})
+        writer = output.ShardWriter(folder, f"{name}-{number}" if not final else name, "train", features, shard_rows)
+        if row_stages or number == 0 or isinstance(kept, IterableDataset):
+            mapped = _chain(run, kept, row_stages)
+            table, reasons = _stream(run, name, mapped, (writer, rename), (rejected, spec.rename), total, row_stages)
+            result.table += table
+            result.reasons.update(reasons)
+        else:
+            writer.add_dataset(_conform(kept, features, rename))
+        glob = writer.close()
+        if final:
+            train_glob = glob
+            break
+        stage, params = segment[-1]
+        kept = _kept_rows(folder, glob, full)
+        before, dropped_rows = kept.num_rows, 0
+        if before:
+            print(f"{name}: {stage} over {before} kept rows", file=sys.stderr, flush=True)
+            kept, dropped, *figures = registry[stage].fn(kept, **params)
+            dropped_rows = dropped.num_rows
+            result.reasons[stage] = dict(Counter(_summary(r) for r in dropped["reason"]))
+            rejected.add_dataset(_conform(dropped, shaped, spec.rename))
+            if figures and figures[0]:
+                result.stats[stage] = dict(figures[0])
+            total = kept.num_rows
+        result.table.append(
+            {"dataset": name, "name": stage, "in": before, "out": before - dropped_rows, "rejected": dropped_rows}
+            | {"errors": 0}
+        )
+    shutil.rmtree(run.out / WORK, ignore_errors=True)
+    back = {new: old for old, new in spec.rename.items()}
+    train = _kept_rows(run.out, train_glob, shaped)
+    run.train[name] = train.rename_columns({k: v for k, v in back.items() if k in train.column_names})
+    result.splits = {"train": train_glob, "rejected": rejected.close()}
+    return result
+
+
+def _kept_rows(folder: Path, glob: str | None, features: Features) -> Dataset:
+    """A written train split as a ``Dataset`` for what comes next (empty, with its schema, when nothing was
+    kept), without its empty ``rejected_by``/``reason``: global stages write their own."""
+    if glob is None:
+        ds = Dataset.from_dict({k: [] for k in features}, features=features)
+    else:
+        ds = Dataset.from_parquet(sorted(str(p) for p in folder.glob(glob)))
+    return ds.remove_columns([c for c in REJECT_FEATURES if c in ds.column_names])
+
+
+def _stream(
+    run: Run,
+    name: str,
+    mapped: Rows,
+    train_to: tuple[output.ShardWriter, dict[str, str]],
+    rejected_to: tuple[output.ShardWriter, dict[str, str]],
+    total: int | None,
+    stages: list[tuple[str, dict[str, Any]]],
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
+    """Pull every row through the chain into train or rejected (each writer with its renaming), counting."""
+    (train, train_rename), (rejected, rejected_rename) = train_to, rejected_to
+    registry = steps()
+    tally = _Tally(name, [s for s, _ in stages if registry[s].skip_rejected])
+    progress = _Progress(name, total, run.tokens)
+    kept_rows = rejected_rows = errors = 0
+    for row in mapped if isinstance(mapped, IterableDataset) else mapped.to_iterable_dataset():
+        tally.add(row)
+        if row.get("rejected_by"):
+            rejected.add(_shaped(row, rejected_rename))
+            rejected_rows += 1
+            errors += any(row.get(f"{s}_error") for s in tally.stages)
+        else:
+            train.add(_shaped(row, train_rename))
+            kept_rows += 1
+        progress.update(kept_rows, rejected_rows, errors)
+    progress.close()
+    return tally.table(), {k: dict(v) for k, v in tally.reasons.items()}
 
 
 def run_recipe(
@@ -498,14 +532,21 @@ def run_recipe(
     overwrite: bool = False,
     push_to_hub: str | None = None,
     private: bool = False,
-    corpus: Dataset | IterableDataset | None = None,
+    corpus: Rows | None = None,
+    sources: dict[str, Rows] | None = None,
 ) -> Path:
     """Run ``recipe`` into ``out_dir`` (default ``recipe.output.dir``); optionally push the folder to the Hub.
 
-    ``corpus`` replaces the recipe's corpus source with a dataset built in Python (e.g. an ``IterableDataset``
-    from a generator); the recipe's ``text_column`` and ``limit`` still apply.
+    ``sources`` replaces named datasets' outside sources with datasets built in Python (e.g. an
+    ``IterableDataset`` from a generator); ``corpus`` is the same for the main input (:attr:`Recipe.main`).
+    The recipe's ``text_column``, ``as`` and ``limit`` still apply. ``limit`` caps the main input.
     """
     out = Path(out_dir or recipe.output.dir)
+    given = dict(sources or {})
+    if corpus is not None:
+        given[recipe.main] = corpus
+    inputs = _open_inputs(recipe, given)  # bad input is refused before the folder is touched
+    run = Run(recipe, out, inputs, _search(recipe), limit)
     _prepare(out, recipe, overwrite)
     # datasets keeps up to this many rows in flight per async map and, per finished row, waits on all of them
     # (O(in flight) each): twice the widest endpoint's concurrency keeps servers busy at a fraction of the cost.
@@ -513,44 +554,16 @@ def run_recipe(
     previous = datasets.config.MAX_NUM_RUNNING_ASYNC_MAP_FUNCTIONS_IN_PARALLEL
     datasets.config.MAX_NUM_RUNNING_ASYNC_MAP_FUNCTIONS_IN_PARALLEL = max(16, 2 * widest)
     started = time.monotonic()
-    USAGE.clear()
-    DIVERSITY.clear()
-    DERIVED_IDS.clear()
+    for cfg in recipe.endpoints.values():
+        cfg.usage.clear()
+    results: dict[str, Result] = {}
     try:
-        demonstrations, demo_splits, demo_table, demo_reasons = _demonstrations(recipe, out)
-        instruction_splits, table, reasons = _instructions(recipe, out, demonstrations, limit, corpus)
+        for name, spec in recipe.datasets.items():
+            results[name] = _run_dataset(run, name, spec)
     finally:
         datasets.config.MAX_NUM_RUNNING_ASYNC_MAP_FUNCTIONS_IN_PARALLEL = previous
-    configs = {"instructions": instruction_splits, "demonstrations": demo_splits}
-    stages_used = [*recipe.demonstrations, *recipe.instructions]
-    report = {
-        "recipe": recipe.as_dict(),
-        "limit": limit,
-        "seed": recipe.seed,
-        "seconds": round(time.monotonic() - started, 2),
-        "stages": demo_table + table,
-        "rejected_reasons": {**demo_reasons, **reasons},
-        "counts": {
-            config: {split: _count(out, pattern) for split, pattern in splits.items()}
-            for config, splits in configs.items()
-        },
-        **_describe_endpoints(recipe),
-        "diversity": dict(DIVERSITY) if "balance_topics" in recipe.instructions else None,
-        "pretty_name": recipe.output.pretty_name,
-        "prompt_hashes": {
-            s: prompts.prompt_hash(s) for s in stages_used if (prompts.PROMPT_DIR / f"{s}.user.j2").exists()
-        },
-        "sources": {
-            name: f"{source} ({DERIVED_IDS[name]} rows without an id got the hash of their text as id)"
-            if DERIVED_IDS[name]
-            else source
-            for name, source in (("seeds", recipe.seeds.dataset), ("corpus", recipe.corpus.dataset))
-        },
-        "derived_ids": dict(DERIVED_IDS),
-        "usage": {stage: usage.as_dict() for stage, usage in USAGE.items()},
-        "versions": output.package_versions(),
-        "repo_id": push_to_hub,
-    }
+    configs = {name: result.splits for name, result in results.items()}
+    report = _report(run, results, started, push_to_hub)
     output.write_run_report(out, report)
     print(f"writing the dataset card in {out}", file=sys.stderr, flush=True)
     _write_card(out, report, output.present(configs))
@@ -559,6 +572,60 @@ def run_recipe(
 
         push_folder(out, push_to_hub, private=private)
     return out
+
+
+def _report(run: Run, results: dict[str, Result], started: float, push_to_hub: str | None) -> dict[str, Any]:
+    recipe = run.recipe
+    reasons: dict[str, dict[str, int]] = {}
+    for name, result in results.items():
+        for stage, counts in result.reasons.items():
+            reasons[f"{name}.{stage}" if stage in reasons else stage] = counts
+    facts: dict[str, Any] = {}
+    for result in results.values():
+        facts.update(result.facts)
+    stats = {name: result.stats for name, result in results.items() if result.stats}
+    stages_used = [stage for spec in recipe.datasets.values() for stage in spec.stages]
+    usage: dict[str, dict[str, float]] = {}
+    for cfg in recipe.endpoints.values():
+        for stage, counted in cfg.usage.items():
+            merged = usage.setdefault(stage, dict.fromkeys(counted.as_dict(), 0))
+            for key, value in counted.as_dict().items():
+                merged[key] += value
+    return {
+        **facts,
+        "recipe": recipe.as_dict(),
+        "limit": run.limit,
+        "seed": recipe.seed,
+        "seconds": round(time.monotonic() - started, 2),
+        "stages": [row for result in results.values() for row in result.table],
+        "rejected_reasons": reasons,
+        "counts": {
+            name: {split: _count(run.out, pattern) for split, pattern in result.splits.items()}
+            for name, result in results.items()
+        },
+        **_describe_endpoints(recipe),
+        "stats": stats,
+        "diversity": {k: v for per in stats.values() for figures in per.values() for k, v in figures.items()},
+        "pretty_name": recipe.output.pretty_name,
+        "prompt_hashes": {
+            s: prompts.prompt_hash(s) for s in stages_used if (prompts.PROMPT_DIR / f"{s}.user.j2").exists()
+        },
+        "sources": {name: _describe_source(run, name, spec.source) for name, spec in recipe.datasets.items()},
+        "derived_ids": dict(run.derived_ids),
+        "usage": usage,
+        "versions": output.package_versions(),
+        "repo_id": push_to_hub,
+    }
+
+
+def _describe_source(run: Run, name: str, source: SourceSpec) -> str:
+    if source.from_ is not None:
+        return f"the train split of {source.from_}"
+    if source.generate is not None:
+        return f"{source.generate} rows generated from nothing"
+    derived = run.derived_ids[name]
+    text = source.dataset if name not in run.inputs or source.dataset else "a dataset given in Python"
+    return f"{text} ({derived} rows without an id got the hash of their text as id)" if derived else str(text)
 
 
 def _count(out: Path, pattern: str | None) -> int:
@@ -570,15 +637,6 @@ def _count(out: Path, pattern: str | None) -> int:
 
 
 def _write_card(out: Path, report: dict[str, Any], configs: dict[str, dict[str, str]]) -> None:
-    try:
-        from synthq_hf.cards import write_card
-    except ImportError:  # the card module is optional until it lands; a minimal card keeps the folder loadable
-        counts = report["counts"]["instructions"]
-        output.write_readme(
-            out,
-            configs,
-            f"# {report['recipe']['name']}\n\n{counts['train']} instructions kept, {counts['rejected']} rejected; "
-            "see run.json for what ran.\n",
-        )
-        return
+    from synthq_hf.cards import write_card
+
     write_card(out, report, configs)

@@ -48,10 +48,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, Value
+from datasets import Dataset, Features, Value
 
 from synthq_hf.stages._common import ColumnError
-from synthq_hf.stages.embed import arrow_matrix, embedding_matrix
+from synthq_hf.stages._step import Step
+from synthq_hf.stages.embed import arrow_matrix, embed_dataset, embedding_matrix
 
 if TYPE_CHECKING:
     from bertopic import BERTopic
@@ -314,4 +315,35 @@ def diversity(
     return {"rows": float(n), "mean_cosine_distance": 1.0 - mean_similarity, "vendi_score": vendi}
 
 
-__all__ = ["balance_topics", "diversity", "fit_topics", "topic_sizes"]
+def embed_and_balance(
+    ds: Dataset,
+    target_size: int,
+    n_topics: int = 100,
+    sample_size: int = 200_000,
+    seed: int = 0,
+    model: str | None = None,
+    embed_batch_size: int = 256,
+    num_proc: int | None = None,
+) -> tuple[Dataset, Dataset, dict[str, float]]:
+    """The recipe's ``balance_topics`` line: embed the prompts (packaged MiniLM unless ``model`` names another
+    sentence-transformers folder), then select ``target_size`` rows round-robin over BERTopic topics.
+
+    The embeddings are not written to the output (1.5 KB a row); what comes back besides the two splits is the
+    diversity of the kept rows against all rows, for the run report and card. Needs the ``topics`` extra.
+    """
+    if "embedding" not in ds.column_names:
+        ds = embed_dataset(ds, batch_size=embed_batch_size, num_proc=num_proc, model=model)
+    kept, rejected = balance_topics(ds, target_size, n_topics=n_topics, sample_size=sample_size, seed=seed)
+    stats = {
+        f"{metric} ({name})": value
+        for name, part in (("kept", kept), ("before balancing", ds))
+        for metric, value in diversity(part, seed=seed).items()
+    }
+    return kept, rejected, stats
+
+
+#: Columns every row of the config carries once this stage is in the recipe (rows it keeps get them filled).
+FEATURES = Features({"topic": Value("int64"), "topic_label": Value("string")})
+STEPS = [Step(name=STAGE, kind="global", fn=embed_and_balance, features=FEATURES)]
+
+__all__ = ["balance_topics", "diversity", "embed_and_balance", "fit_topics", "topic_sizes"]

@@ -23,9 +23,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, Features, load_dataset
 
 from synthq_hf.stages._common import ColumnError
+from synthq_hf.stages._step import Step
 from synthq_hf.stages.dedup import _check_text_column, normalize
 
 STAGE = "decontaminate"
@@ -147,3 +148,6 @@ def decontaminate(
         len(whole),
     )
     return kept, rejected
+
+
+STEPS = [Step(name=STAGE, kind="global", fn=decontaminate, features=Features({}))]

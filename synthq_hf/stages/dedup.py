@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 from datasets import Dataset, Features, List, Value
 
 from synthq_hf.stages._common import ColumnError, row_id
+from synthq_hf.stages._step import Step
 
 STAGE = "dedup"
 log = logging.getLogger(__name__)
@@ -373,3 +374,7 @@ def dedup(
         int((kind == EMPTY).sum()),
     )
     return kept, rejected
+
+
+#: The column rows it rejects get (the id of the row they repeat): in the config's one schema from the start.
+STEPS = [Step(name=STAGE, kind="global", fn=dedup, features=Features({"duplicate_of": Value("string")}))]

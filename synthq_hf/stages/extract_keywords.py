@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, StringConstraints
 from synthq_hf import prompts
 from synthq_hf.endpoint import EndpointConfig, RequestFailed
 from synthq_hf.stages._common import error_reason, failure, read_text, row_id
+from synthq_hf.stages._step import Step
 from synthq_hf.structured import StageFailure, generate
 
 STAGE = "extract_keywords"
@@ -64,3 +65,6 @@ async def extract_keywords(
     seen: set[str] = set()
     keywords = [k for k in result.keywords if not (k.casefold() in seen or seen.add(k.casefold()))]
     return {"intention": result.intention.strip(), "keywords": keywords, f"{STAGE}_error": None}
+
+
+STEPS = [Step(name=STAGE, kind="row", fn=extract_keywords, features=FEATURES, role="generator")]

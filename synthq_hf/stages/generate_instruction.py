@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field, StringConstraints
 from synthq_hf import prompts
 from synthq_hf.endpoint import EndpointConfig, RequestFailed, derive_seed, get_client
 from synthq_hf.stages._common import error_reason, failure, read_text, row_id
+from synthq_hf.stages._step import Step
 from synthq_hf.stages.ground import COMPOSITION_FEATURES, COMPOSITIONS, QueryCompositions
 from synthq_hf.structured import StageFailure, generate
 from synthq_hf.tokens import count_tokens, truncate_tokens
@@ -181,3 +182,15 @@ async def generate_instruction(
         "demonstration_ids": chosen,
         f"{STAGE}_error": None,
     }
+
+
+STEPS = [
+    Step(
+        name=STAGE,
+        kind="row",
+        fn=generate_instruction,
+        features=FEATURES,
+        role="generator",
+        needs={"demonstrations": "dataset"},
+    )
+]

@@ -23,6 +23,7 @@ from datasets import Features, List, Value
 
 from synthq_hf.endpoint import EndpointConfig, RequestFailed, get_client
 from synthq_hf.stages._common import failure, read_text, row_id
+from synthq_hf.stages._step import Step
 
 STAGE = "generate_responses"
 
@@ -73,3 +74,6 @@ async def generate_responses(
         "responses_identical": len(set(responses)) == 1,
         f"{STAGE}_error": None,
     }
+
+
+STEPS = [Step(name=STAGE, kind="row", fn=generate_responses, features=FEATURES, role="generator")]

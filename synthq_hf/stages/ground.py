@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from synthq_hf import prompts
 from synthq_hf.endpoint import EndpointConfig, RequestFailed
 from synthq_hf.stages._common import error_reason, failure, read_text, row_id
+from synthq_hf.stages._step import Step
 from synthq_hf.structured import StageFailure, generate
 from synthq_hf.tokens import truncate_tokens
 
@@ -80,3 +81,6 @@ async def ground(
         "query_compositions": {name: getattr(result.query_compositions, name).strip() for name in COMPOSITIONS},
         f"{STAGE}_error": None,
     }
+
+
+STEPS = [Step(name=STAGE, kind="row", fn=ground, features=FEATURES, role="generator")]

@@ -48,6 +48,8 @@ from synthq_hf import prompts
 from synthq_hf.endpoint import EndpointConfig, RequestFailed, get_client
 from synthq_hf.stages._batch import batchable
 from synthq_hf.stages._common import ColumnError, failure, read_text, row_id
+from synthq_hf.stages._step import Step
+from synthq_hf.stages.reject import FEATURES as REJECT_FEATURES
 from synthq_hf.structured import StageFailure
 
 STAGE = "moderate"
@@ -218,3 +220,16 @@ def mark_unsafe(row: dict[str, Any], policy: Literal["drop", "flag"] = "drop") -
         reason = f"unsafe: {', '.join(categories)}" if categories else "unsafe (no category given)"
         return {"rejected_by": STAGE, "reason": reason}
     return {"rejected_by": None, "reason": None}
+
+
+STEPS = [
+    Step(
+        name=STAGE,
+        kind="row",
+        fn=moderate,
+        features=FEATURES,
+        role="guard",
+        post=mark_unsafe,
+        post_features=REJECT_FEATURES,
+    )
+]

@@ -14,6 +14,8 @@ from typing import Any
 
 from datasets import Dataset, Features, Value
 
+from synthq_hf.stages._step import Step
+
 FEATURES = Features({"rejected_by": Value("string"), "reason": Value("string")})
 
 
@@ -45,3 +47,7 @@ def split_rejected(ds: Dataset) -> tuple[Dataset, Dataset]:
     kept = ds.filter(lambda marks: [m is None for m in marks], input_columns="rejected_by", batched=True)
     rejected = ds.filter(lambda marks: [m is not None for m in marks], input_columns="rejected_by", batched=True)
     return kept, rejected
+
+
+#: The recipe line ``filter: {threshold: 3}``: marks, never requests, so it also sees rows already rejected.
+STEPS = [Step(name="filter", kind="row", fn=mark_rejected, features=FEATURES, skip_rejected=False)]

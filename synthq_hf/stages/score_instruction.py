@@ -23,6 +23,7 @@ from synthq_hf import prompts
 from synthq_hf.endpoint import EndpointConfig, RequestFailed
 from synthq_hf.stages._batch import batchable
 from synthq_hf.stages._common import error_reason, failure, read_text, row_id
+from synthq_hf.stages._step import Step
 from synthq_hf.structured import StageFailure, generate
 
 STAGE = "score_instruction"
@@ -102,3 +103,6 @@ async def score_instruction(
         "total_score": sum(scores.values()),
         f"{STAGE}_error": None,
     }
+
+
+STEPS = [Step(name=STAGE, kind="row", fn=score_instruction, features=FEATURES, role="judge")]

@@ -32,6 +32,7 @@ from datasets import Features, Value
 
 from synthq_hf.search import Hit, SearchBackend, SearchError, WebSearchConfig, get_web_search, load_index
 from synthq_hf.stages._common import ColumnError, failure, read_text
+from synthq_hf.stages._step import Step
 
 STAGE = "search_documents"
 #: Share of a document's character shingles found in the query above which the document is a near-copy.
@@ -145,3 +146,8 @@ async def search_documents(
         "search_score": float(best.score),
         f"{STAGE}_error": None,
     }
+
+
+STEPS = [
+    Step(name=STAGE, kind="row", fn=search_documents, features=FEATURES, needs={"index": "search", "web": "search"})
+]
