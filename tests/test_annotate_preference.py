@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset, Features, IterableDataset, List, Value
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 from synthq_hf.cache import get_cache
 from synthq_hf.stages._common import ColumnError
@@ -248,6 +255,19 @@ def test_a_tokenizer_padding_with_eot_gets_another_pad(tiny: str, tmp_path: Path
     batched = annotate_preference(BATCH, model=model, trust_remote_code=True, cache=False)
     single = one_at_a_time(BATCH, model=model, trust_remote_code=True, cache=False)
     np.testing.assert_allclose(batched["rewards"], single["rewards"], rtol=1e-5, atol=1e-5)
+
+
+def test_no_pad_but_eot_and_no_spare_token_is_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "no-pad"
+    vocab = {"<|eot_id|>": 0, "a": 1, "b": 2}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="a")))
+    tokenizer.eos_token = tokenizer.pad_token = "<|eot_id|>"
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    with pytest.raises(RewardModelError, match="no pad token distinct from eos") as err:
+        annotate_preference(BATCH, model=str(folder), cache=False)
+    assert "\n" not in str(err.value)
 
 
 def test_out_of_memory_halves_the_pass(tiny: str, armorm: str, tmp_path: Path) -> None:

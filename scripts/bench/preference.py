@@ -58,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     batch = make_batch(args.rows, args.responses, args.seed)
     rm = load_reward_model(BUNDLED_TINY)
-    tokens = [len(rm.tokenizer(r)["input_ids"]) for rs in batch["responses"] for r in rs]
+    tokens = [len(rm.tokenizer(r, verbose=False)["input_ids"]) for rs in batch["responses"] for r in rs]
     median, longest = int(np.median(tokens)), max(tokens)
     print(f"{args.rows} rows x {args.responses} responses; response tokens: median {median}, max {longest}")
     run(make_batch(4, args.responses, args.seed + 1), 64)  # warm-up: first-call costs out of both figures

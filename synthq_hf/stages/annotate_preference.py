@@ -161,7 +161,10 @@ def _load(model: str, trust_remote_code: bool, revision: str | None, device: str
     options = {"trust_remote_code": trust_remote_code, "revision": revision}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
+        pad_id = _pad_id(tokenizer, model)  # before the weights: an 8B model takes a minute to load
         net = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype, **options)
+    except RewardModelError:
+        raise
     except (OSError, ValueError) as err:
         if "trust_remote_code" in str(err):
             raise RewardModelError(
@@ -169,14 +172,13 @@ def _load(model: str, trust_remote_code: bool, revision: str | None, device: str
             ) from err
         raise RewardModelError(f"{STAGE}: cannot load reward model {model!r}: {_first_line(err)}") from err
     net.to(device).eval()
-    pad_id = _pad_id(tokenizer, model)
     # LlamaForSequenceClassification reads the last token as the rightmost non-pad one, ArmoRM as the one before
     # the first pad: both need the pad id we pad with, and one that no real token shares.
     net.config.get_text_config().pad_token_id = pad_id
     net.config.use_cache = False  # a single pass: a KV cache would only hold memory
     chat_template = None if tokenizer.chat_template else LLAMA3_CHAT_TEMPLATE
     identity = f"{folder}:{_fingerprint(folder)}" if folder else f"{model}@{revision or 'main'}"
-    rm = RewardModel(
+    return RewardModel(
         model=net,
         tokenizer=tokenizer,
         identity=f"{identity}:{str(dtype).removeprefix('torch.')}",  # bf16 and fp32 scores differ
@@ -184,11 +186,9 @@ def _load(model: str, trust_remote_code: bool, revision: str | None, device: str
         pad_id=pad_id,
         context_length=_context_length(tokenizer, net.config),
         chat_template=chat_template,
-        template_parts=("", "", ""),
+        template_parts=_template_parts(tokenizer, chat_template),
         hidden_size=int(getattr(net.config.get_text_config(), "hidden_size", 4096)),
     )
-    rm.template_parts = _template_parts(rm)
-    return rm
 
 
 def _first_line(err: BaseException) -> str:
@@ -275,14 +275,18 @@ def _context_length(tokenizer: Any, config: Any) -> int:
     return min(sane) if sane else DEFAULT_CONTEXT
 
 
-def _format(rm: RewardModel, prompt: str, response: str) -> str:
+def _render(tokenizer: Any, chat_template: str | None, prompt: str, response: str) -> str:
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    return rm.tokenizer.apply_chat_template(messages, chat_template=rm.chat_template, tokenize=False)
+    return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
 
 
-def _template_parts(rm: RewardModel) -> tuple[str, str, str]:
+def _format(rm: RewardModel, prompt: str, response: str) -> str:
+    return _render(rm.tokenizer, rm.chat_template, prompt, response)
+
+
+def _template_parts(tokenizer: Any, chat_template: str | None) -> tuple[str, str, str]:
     """The formatted chat before the prompt, between prompt and response, and after the response."""
-    text = _format(rm, _PROMPT_MARK, _RESPONSE_MARK)
+    text = _render(tokenizer, chat_template, _PROMPT_MARK, _RESPONSE_MARK)
     before, rest = text.split(_PROMPT_MARK, 1)
     between, after = rest.split(_RESPONSE_MARK, 1)
     return before, between, after
