@@ -129,7 +129,9 @@ def test_synthq_run_demo_end_to_end(local_endpoint: EndpointConfig, tmp_path, mo
 
     monkeypatch.setenv("SYNTHQ_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    code = main(["run", "demo", "--limit", "2", "--set", "seeds.limit=2", "--output", str(out)])
+    code = main(
+        ["run", "demo", "--limit", "2", "--set", "datasets.demonstrations.source.limit=2", "--output", str(out)]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert f'load_dataset("{out.resolve()}", "instructions")' in printed
@@ -145,6 +147,12 @@ def test_synthq_run_demo_end_to_end(local_endpoint: EndpointConfig, tmp_path, mo
     assert (
         report["usage"]["generate_instruction"]["requests"] + report["usage"]["generate_instruction"]["cache_hits"] >= 2
     )
+    counts = report["counts"]
+    # preferences are made from the kept instructions: each one is a pair or a rejected row with its reason
+    assert counts["preferences"]["train"] + counts["preferences"]["rejected"] == counts["instructions"]["train"]
+    if counts["preferences"]["train"]:
+        pairs = load_dataset(str(out), "preferences", split="train")
+        assert [m["role"] for m in pairs[0]["chosen"]] == ["user", "assistant"]
 
 
 def test_a_dead_embedded_server_is_named_as_such() -> None:

@@ -508,9 +508,11 @@ def _stream(
     (train, train_rename), (rejected, rejected_rename) = train_to, rejected_to
     registry = steps()
     tally = _Tally(name, [s for s, _ in stages if registry[s].skip_rejected])
-    progress = _Progress(name, total, run.tokens)
+    # A Dataset's maps already ran (with their own bars) by now; a stream does its work as it is read here.
+    streamed = isinstance(mapped, IterableDataset)
+    progress = _Progress(name, total, run.tokens) if streamed else None
     kept_rows = rejected_rows = errors = 0
-    for row in mapped if isinstance(mapped, IterableDataset) else mapped.to_iterable_dataset():
+    for row in mapped if streamed else mapped.to_iterable_dataset():
         tally.add(row)
         if row.get("rejected_by"):
             rejected.add(_shaped(row, rejected_rename))
@@ -519,8 +521,10 @@ def _stream(
         else:
             train.add(_shaped(row, train_rename))
             kept_rows += 1
-        progress.update(kept_rows, rejected_rows, errors)
-    progress.close()
+        if progress is not None:
+            progress.update(kept_rows, rejected_rows, errors)
+    if progress is not None:
+        progress.close()
     return tally.table(), {k: dict(v) for k, v in tally.reasons.items()}
 
 

@@ -573,4 +573,14 @@ def _columns(outputs: list[dict[str, Any]]) -> dict[str, list]:
     return {name: [output[name] for output in outputs] for name in FEATURES}
 
 
-STEPS = [Step(name=STAGE, kind="batch", fn=annotate_preference, features=FEATURES, batch_size=64)]
+def describe(model: str, pairing: str = "best_worst", revision: str | None = None, **_: Any) -> dict[str, Any]:
+    """What the card says about this line: which reward model (as the recipe names it), how pairs were picked, and
+    the names of ArmoRM's objectives (the card shows their means only where the model gave them)."""
+    return {
+        "reward_model": f"{model}@{revision}" if revision else model,
+        "pairing": pairing,
+        "reward_objectives": list(OBJECTIVES),
+    }
+
+
+STEPS = [Step(name=STAGE, kind="batch", fn=annotate_preference, features=FEATURES, batch_size=64, describe=describe)]
