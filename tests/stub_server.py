@@ -232,7 +232,11 @@ class StubServer(AppServer):
             return content
         schema = schema_of(payload)
         rng = random.Random(payload.get("seed")) if self.seeded_replies else None
-        return json.dumps(instance_of(schema, rng, self.varied_text)) if schema else "stub reply"
+        if schema:
+            return json.dumps(instance_of(schema, rng, self.varied_text))
+        if rng is not None and self.varied_text:  # free text (e.g. sampled responses): a seeded sentence
+            return " ".join(rng.choice(WORDS) for _ in range(12))
+        return "stub reply"
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         def reply(payload: dict, content: str | None, finish: str) -> web.Response:

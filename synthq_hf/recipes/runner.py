@@ -304,6 +304,27 @@ def _open_inputs(recipe: Recipe, given: dict[str, Rows]) -> dict[str, Rows]:
     return opened
 
 
+def _check_shapes(run: Run) -> None:
+    """Every dataset's config schema worked out before anything runs, so a ``columns`` naming a column no stage
+    makes is refused before the folder is touched, not after an hour of requests."""
+    known: dict[str, Features] = {}
+    for name, spec in run.recipe.datasets.items():
+        source = spec.source
+        if source.from_ is not None:
+            base = known[source.from_]
+        elif source.generate is not None:
+            base = Features({"id": Value("string")})
+        else:
+            rows = run.inputs[name]
+            if isinstance(rows, IterableDataset) and rows.features is None:
+                rows = rows._resolve_features()
+            base = {source.as_ or k if k == source.text_column else k: v for k, v in rows.features.items()}
+            base = Features({**base, "id": Value("string")})
+        _, shaped = _schema(base, name, spec)
+        back = {new: old for old, new in spec.rename.items()}
+        known[name] = Features({back.get(k, k): v for k, v in shaped.items() if k not in REJECT_FEATURES})
+
+
 def _generated(n: int) -> Iterator[dict[str, str]]:
     for i in range(n):
         yield {"id": str(i)}
@@ -381,14 +402,14 @@ def _chain(run: Run, rows: Rows, stages: list[tuple[str, dict[str, Any]]]) -> Ro
     return _map(rows, mark_rejected, {"threshold": None}, features, "mark rejected")
 
 
-def _schema(rows: Rows, name: str, spec: DatasetSpec) -> tuple[Features, Features]:
+def _schema(base: Features, name: str, spec: DatasetSpec) -> tuple[Features, Features]:
     """(every column the stages make, the config's schema). Both are known before the first row: every split of a
     config must share one schema for ``load_dataset`` to open them, so both carry the columns every stage adds
     (global ones too) from the start. The config's schema applies the dataset's ``rename`` and ``columns``."""
     registry = steps()
-    full = dict(rows.features)
-    for name in spec.stages:
-        step = registry[name]
+    full = dict(base)
+    for stage in spec.stages:
+        step = registry[stage]
         full.update(step.features)
         if step.post_features:
             full.update(step.post_features)
@@ -433,7 +454,7 @@ def _run_dataset(run: Run, name: str, spec: DatasetSpec) -> Result:
     """One named dataset: its stages in order, streamed between global stages, into its config."""
     registry = steps()
     rows, total = _source_rows(run, name, spec.source)
-    full, shaped = _schema(rows, name, spec)
+    full, shaped = _schema(rows.features, name, spec)
     shard_rows = run.recipe.output.shard_rows
     result = Result({}, [], {}, {}, {})
     for stage, params in spec.stages.items():
@@ -551,6 +572,7 @@ def run_recipe(
         given[recipe.main] = corpus
     inputs = _open_inputs(recipe, given)  # bad input is refused before the folder is touched
     run = Run(recipe, out, inputs, _search(recipe), limit)
+    _check_shapes(run)
     _prepare(out, recipe, overwrite)
     # datasets keeps up to this many rows in flight per async map and, per finished row, waits on all of them
     # (O(in flight) each): twice the widest endpoint's concurrency keeps servers busy at a fraction of the cost.
