@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         FileExistsError,
         ValueError,
+        ImportError,  # an optional extra not installed: its message names the pip install line
     ) as err:
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2

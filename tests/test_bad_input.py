@@ -330,3 +330,55 @@ def test_score_handles_odd_rows_and_loses_none(case, stub, tmp_path) -> None:
         assert len(twins) == 2 and twins[0]["scores"] == twins[1]["scores"]
         sent = [p for route, p in stub.requests if route == "/v1/chat/completions" and "a?" in json.dumps(p)]
         assert len(sent) in (1, 2) and all(p == sent[0] for p in sent)  # two when both were in flight at once
+
+
+# --- synthq run: a reward model that cannot be used is refused before any request --------------------------------
+
+
+def preference_recipe(tmp_path: Path, url: str, corpus: Path, **annotate) -> Path:
+    data = yaml.safe_load(recipe(tmp_path, url, corpus).read_text(encoding="utf-8"))
+    seeds, corpus_spec = data.pop("seeds"), data.pop("corpus")
+    data["datasets"] = {
+        "demonstrations": {"source": {**seeds, "as": "prompt"}, "stages": data.pop("demonstrations")},
+        "instructions": {"source": {**corpus_spec, "as": "document"}, "stages": data.pop("instructions")},
+        "preferences": {
+            "source": {"from": "instructions"},
+            "stages": {"generate_responses": {"n": 2}, "annotate_preference": annotate},
+        },
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def model_folder(tmp_path: Path, name: str, config: dict) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "case", ["missing folder", "a causal LM", "remote code not allowed", "unknown pairing", "not a model"]
+)
+def test_run_refuses_a_reward_model_it_cannot_use(case, run_stub, tmp_path) -> None:
+    remote = {"architectures": ["ArmoTiny"], "auto_map": {"AutoModelForSequenceClassification": "m.ArmoTiny"}}
+    model, extra, culprits = {
+        "missing folder": (str(tmp_path / "no-such-model"), {}, [f"{tmp_path / 'no-such-model'} does not exist"]),
+        "a causal LM": (
+            str(model_folder(tmp_path, "causal", {"architectures": ["LlamaForCausalLM"]})),
+            {},
+            ["holds LlamaForCausalLM (a causal language model), not a sequence classifier"],
+        ),
+        "remote code not allowed": (
+            str(model_folder(tmp_path, "remote", remote)),
+            {},
+            ["set `trust_remote_code: true`"],
+        ),
+        "unknown pairing": ("bundled:tiny-reward", {"pairing": "median"}, ["unknown pairing 'median'"]),
+        "not a model": (str(tmp_path), {}, [f"{tmp_path} has no config.json"]),
+    }[case]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", GOOD)
+    path = preference_recipe(tmp_path, run_stub.url, corpus, model=model, **extra)
+    assert_refused(synthq(tmp_path, "run", str(path)), "annotate_preference", *culprits)
+    assert run_stub.seen == []  # refused before the first request, not after every response was generated

@@ -571,6 +571,11 @@ def run_recipe(
     if corpus is not None:
         given[recipe.main] = corpus
     inputs = _open_inputs(recipe, given)  # bad input is refused before the folder is touched
+    registry = steps()
+    for spec in recipe.datasets.values():
+        for stage, params in spec.stages.items():
+            if registry[stage].check is not None:
+                registry[stage].check(**params)
     run = Run(recipe, out, inputs, _search(recipe), limit)
     _check_shapes(run)
     _prepare(out, recipe, overwrite)

@@ -34,6 +34,8 @@ class Step:
     ``post``: a marking row function mapped right after (it takes its own parameters from the same recipe line).
     ``skip_rejected``: rows an earlier stage rejected get this stage's columns empty, without requests.
     ``describe``: from the recipe line's parameters, facts for the run report and card (e.g. which reward model).
+    ``check``: called with the line's parameters before anything runs, to refuse in one line what would otherwise
+    fail hours later (a model folder that does not exist, an extra that is not installed).
     """
 
     name: str
@@ -47,3 +49,4 @@ class Step:
     batch_size: int = 64
     skip_rejected: bool = True
     describe: Callable[..., Mapping[str, Any]] | None = None
+    check: Callable[..., None] | None = None

@@ -27,6 +27,7 @@ extra): the recipe runner imports every stage module.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import statistics
@@ -583,4 +584,26 @@ def describe(model: str, pairing: str = "best_worst", revision: str | None = Non
     }
 
 
-STEPS = [Step(name=STAGE, kind="batch", fn=annotate_preference, features=FEATURES, batch_size=64, describe=describe)]
+def check(model: str, pairing: str = "best_worst", trust_remote_code: bool = False, **_: Any) -> None:
+    """Before the run: the pairing, the extra, and a local model folder (that it exists, is a sequence classifier,
+    and may run its code), so a typo is one line now rather than after every response was generated."""
+    if pairing not in PAIRINGS:
+        raise RewardModelError(f"{STAGE}: unknown pairing {pairing!r}; use one of {', '.join(PAIRINGS)}")
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
+        raise RewardModelError(f"{STAGE} runs the reward model in process and needs torch and transformers: {INSTALL}")
+    folder = _local_folder(model)
+    if folder is not None:
+        _check_folder(folder, trust_remote_code)
+
+
+STEPS = [
+    Step(
+        name=STAGE,
+        kind="batch",
+        fn=annotate_preference,
+        features=FEATURES,
+        batch_size=64,
+        describe=describe,
+        check=check,
+    )
+]
