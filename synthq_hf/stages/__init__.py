@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from datasets import Features
 
+from synthq_hf.stages.annotate_preference import annotate_preference
 from synthq_hf.stages.balance_topics import balance_topics, diversity, topic_sizes
 from synthq_hf.stages.decontaminate import decontaminate
 from synthq_hf.stages.dedup import dedup
@@ -37,6 +38,7 @@ def output_features(input_features: Features | None, *stages: Callable) -> Featu
 
 
 __all__ = [
+    "annotate_preference",
     "balance_topics",
     "decontaminate",
     "dedup",
