@@ -286,11 +286,15 @@ def _dialect(endpoint: Any) -> str | None:
     return endpoint.get("dialect") if isinstance(endpoint, Mapping) else None
 
 
-def _threshold(report: Mapping[str, Any]) -> tuple[int, bool]:
+def _threshold(report: Mapping[str, Any]) -> tuple[int | None, bool]:
     """(score threshold, whether the recipe recorded it). Recipes name their datasets now
     (``datasets: {name: {stages: ...}}``); older reports keep the stages under ``instructions``. The first dataset
-    with a ``filter`` stage is the one that filtered."""
+    with a ``filter`` stage is the one that filtered; a recipe of the new form without one filtered nothing
+    (e.g. ``synthq score``): ``(None, True)``."""
     recipe = report.get("recipe") or {}
+    datasets = recipe.get("datasets") or {}
+    if datasets and not any("filter" in ((d or {}).get("stages") or {}) for d in datasets.values()):
+        return None, True
     candidates = [(d or {}).get("stages") or {} for d in (recipe.get("datasets") or {}).values()]
     candidates.append(recipe.get("instructions") or {})
     # As in recipes, ``filter: null`` runs with defaults and ``filter: false`` is switched off.
@@ -358,15 +362,17 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
 
 
-def plot_histogram(histogram: Mapping[int, int], threshold: int, path: Path) -> None:
+def plot_histogram(histogram: Mapping[int, int], threshold: int | None, path: Path) -> None:
+    """``threshold`` None: nothing was filtered, so no line and no colour for the rejected side."""
     xs = list(range(0, max(7, *histogram) + 1))
     ys = [histogram.get(x, 0) for x in xs]
     fig = Figure(figsize=(6, 3.4))
     ax = fig.add_subplot()
-    bars = ax.bar(xs, ys, color=["#c8553d" if x < threshold else "#2d7dd2" for x in xs])
+    bars = ax.bar(xs, ys, color=["#c8553d" if threshold is not None and x < threshold else "#2d7dd2" for x in xs])
     ax.bar_label(bars, labels=[str(y) if y else "" for y in ys], fontsize=8)
-    ax.axvline(threshold - 0.5, color="black", linestyle="--", linewidth=1)
-    ax.text(threshold - 0.45, max(ys) * 0.95, f"threshold {threshold}", fontsize=8, va="top")
+    if threshold is not None:
+        ax.axvline(threshold - 0.5, color="black", linestyle="--", linewidth=1)
+        ax.text(threshold - 0.45, max(ys) * 0.95, f"threshold {threshold}", fontsize=8, va="top")
     ax.set_xticks(xs)
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("total_score (criteria met)")

@@ -325,6 +325,7 @@ def test_score_handles_odd_rows_and_loses_none(case, stub, tmp_path) -> None:
             assert row["rejected_by"] == "score_instruction", row
     report = json.loads((tmp_path / "out" / "run.json").read_text())
     assert report["derived_ids"].get("instructions", 0) == sum(1 for r in rows if not r.get("id"))
+    assert "No score threshold was applied" in (tmp_path / "out" / "README.md").read_text()  # score filters nothing
     if case == "duplicate ids":  # same id and same text: the same request (payload and seed), the same answer
         twins = [r for r in scored if r["prompt"] == "a?"]
         assert len(twins) == 2 and twins[0]["scores"] == twins[1]["scores"]

@@ -609,3 +609,13 @@ def test_pipeline_table_gains_a_dataset_column(folder):
         ["instructions", "score_instruction", "21", "12", "9", "2"],
         ["", "dedup", "12", "11", "1", "0"],
     ]
+
+
+def test_a_run_without_a_filter_says_no_threshold_was_applied(tmp_path) -> None:
+    """``synthq score`` is a one-stage recipe: nothing was filtered, and the card must not claim otherwise."""
+    from synthq_hf.cards import _threshold
+
+    recipe = {"datasets": {"instructions": {"stages": {"score_instruction": {}}}}}
+    assert _threshold({"recipe": recipe}) == (None, True)
+    filtered = {"datasets": {"instructions": {"stages": {"score_instruction": {}, "filter": {"threshold": 4}}}}}
+    assert _threshold({"recipe": filtered}) == (4, True)
