@@ -535,6 +535,20 @@ class EndpointClient:
         finally:
             self._leave()
 
+    async def get_json(self, route: str) -> dict[str, Any]:
+        """GET a server route that describes it (e.g. llama.cpp's ``/props``); not cached: it is no answer.
+
+        Raises :class:`EndpointError` when the server does not serve it, like :meth:`post` does."""
+        info = self._info or await self.info()
+        self._enter()
+        try:
+            status, body = await _probe(self._pool_now(), route)
+        finally:
+            self._leave()
+        if status != 200 or not isinstance(body, dict):
+            raise EndpointError(f"{info.base_url}{route} does not serve this route (HTTP {status})")
+        return body
+
     # -- the request loop -----------------------------------------------------------------------------------
     async def post(self, route: str, payload: dict, *, stage: str, cache_key: dict | None = None) -> tuple[Any, bool]:
         """POST JSON with cache, concurrency cap, retries and usage; returns (reply JSON, was_cached).

@@ -106,6 +106,10 @@ class StubServer(AppServer):
         self.faults_injected: dict[str, int] = {}
         self._fault_rng = random.Random(0)
         self.arrivals: list[float] = []  # time.monotonic() at which each entry of ``requests`` arrived
+        # The model's chat template (Jinja, as in tokenizer_config.json), served the way each server exposes it:
+        # vLLM /tokenize with messages + /detokenize, TGI /chat_tokenize, llama.cpp's server /props.
+        self.chat_template: str | None = None
+        self.completions_route = True  # False: a chat-only API (no /v1/completions)
 
     # -- scripting ----------------------------------------------------------------------------------------
     def queue(self, *actions: Any) -> None:
@@ -152,9 +156,45 @@ class StubServer(AppServer):
         if self.dialect == "llamacpp":
             app.router.add_get("/openapi.json", self._openapi)
             app.router.add_post("/extras/tokenize", self._tokenize)
+        if self.dialect == "llama-server":  # llama.cpp's own server (not llama-cpp-python): /props, /tokenize
+            app.router.add_get("/props", self._props)
+            app.router.add_post("/tokenize", self._tokenize)
+        if self.dialect == "vllm":
+            app.router.add_post("/detokenize", self._detokenize)
+        if self.dialect == "tgi":
+            app.router.add_post("/chat_tokenize", self._chat_tokenize)
         app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/completions", self._completions_or_404)
         return app
+
+    async def _completions_or_404(self, request: web.Request) -> web.StreamResponse:
+        """Decided per request: the app is built before a test can switch the route off."""
+        if not self.completions_route:
+            return web.json_response({"error": "Not Found"}, status=404)
+        return await self._completions(request)
+
+    def _rendered(self, messages: list[dict]) -> str:
+        """The chat template applied as the servers do it (transformers' Jinja settings), for a generation."""
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(self.chat_template or "").render(
+            messages=messages, add_generation_prompt=True, bos_token="<s>", eos_token="</s>"
+        )
+
+    async def _props(self, request: web.Request) -> web.Response:
+        return web.json_response({"chat_template": self.chat_template, "bos_token": "<s>", "total_slots": 4})
+
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        payload = await request.json()
+        self._record(request, payload)
+        return web.json_response({"prompt": "".join(chr(i) for i in payload["tokens"])})
+
+    async def _chat_tokenize(self, request: web.Request) -> web.Response:
+        payload = await request.json()
+        self._record(request, payload)
+        text = self._rendered(payload["messages"])
+        return web.json_response({"tokenize_response": [{"id": ord(c)} for c in text], "templated_text": text})
 
     async def _version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": "0.32.0"})
@@ -178,6 +218,8 @@ class StubServer(AppServer):
         payload = await request.json()
         self._record(request, payload)
         text = payload.get("inputs") or payload.get("prompt") or payload.get("input") or payload.get("content") or ""
+        if "messages" in payload:  # vLLM: the chat template applied first
+            text = self._rendered(payload["messages"])
         ids = [ord(c) for c in text]  # one token per character: easy to reason about in tests
         if self.dialect == "tgi":
             return web.json_response([{"id": i, "text": chr(i), "start": n, "stop": n + 1} for n, i in enumerate(ids)])
@@ -227,6 +269,13 @@ class StubServer(AppServer):
     def _retry_header(self, status: int = 429) -> dict[str, str]:
         return {"Retry-After": self.retry_after} if self.retry_after and status in (429, 503) else {}
 
+    def _free_text(self, payload: dict, default: str) -> str:
+        """A raw completion: with seeded, varied replies a seeded question, else ``default``."""
+        if self.seeded_replies and self.varied_text:
+            rng = random.Random(payload.get("seed"))
+            return " ".join(rng.choice(WORDS) for _ in range(8)).capitalize() + "?"
+        return default
+
     def _content_for(self, payload: dict, content: str | None) -> str:
         if content is not None:
             return content
@@ -252,7 +301,7 @@ class StubServer(AppServer):
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         def reply(payload: dict, content: str | None, finish: str) -> web.Response:
-            text = content if content is not None else "What is 2 + 2?"
+            text = content if content is not None else self._free_text(payload, "What is 2 + 2?")
             return web.json_response({
                 "id": "cmpl-stub", "object": "text_completion", "model": self.model,
                 "choices": [{"index": 0, "text": text, "finish_reason": finish}],
@@ -263,7 +312,7 @@ class StubServer(AppServer):
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         def reply(payload: dict, content: str | None, finish: str) -> web.Response:
-            text = content if content is not None else "What is 2 + 2?"
+            text = content if content is not None else self._free_text(payload.get("parameters", {}), "What is 2 + 2?")
             reason = {"stop": "eos_token", "length": "length"}.get(finish, finish)
             return web.json_response(
                 {"generated_text": text, "details": {"finish_reason": reason, "generated_tokens": 5}}
