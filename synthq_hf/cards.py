@@ -69,6 +69,7 @@ PAIR_SIDES = ("chosen", "rejected")
 PAIRINGS = {
     "best_worst": "its lowest-rewarded one",
     "mean_minus_2std": "one picked by the mean − 2·std rule",
+    "best": "none: only the best response is kept",
 }
 TOP_REASONS = 10
 MAX_TOPICS_SHOWN = 40

@@ -112,6 +112,34 @@ def test_pick_pair_best_worst_and_mean_minus_2std() -> None:
     assert pick_pair([2.0, 2.0, 2.0]) is None
     with pytest.raises(ValueError, match="unknown pairing 'random'"):
         pick_pair([1.0, 2.0], "random")
+    assert pick_pair([0.5, 0.9, 0.1], "best") == (1, None)
+    assert pick_pair([0.5, 0.9, 0.1], eligible=[0, 2]) == (0, 2)  # only eligible ones may be chosen
+    assert pick_pair([0.5, 0.9, 0.1], "best", eligible=[]) is None
+
+
+def test_best_keeps_the_top_response_that_carries_the_required_answer(tiny: str) -> None:
+    """ScaleQuest's reward filtering: the best response with a final answer, as SFT data; no pair needed."""
+    batch = {
+        "prompt": ["What is 2 + 3?", "What is 7 * 6?", "Name a prime."],
+        "responses": [
+            ["It is \\boxed{5}.", "Five, I think.", "2 + 3 = \\boxed{5}"],
+            ["42", "42", "42"],  # identical, no final answer
+            ["Two.", "\\boxed{2}", "\\boxed{2}"],  # identical candidates are fine without a pair
+        ],
+    }
+    plain = annotate_preference(batch, model=tiny, pairing="best", cache=False)
+    boxed = annotate_preference(batch, model=tiny, pairing="best", require=r"\\boxed\{", cache=False)
+    assert plain["annotate_preference_error"] == [None, None, None]
+    for i in range(3):
+        rewards = plain["rewards"][i]
+        assert plain["best_reward"][i] == max(rewards) and plain["rejected"][i] is None
+        assert plain["best_response"][i] == batch["responses"][i][plain["chosen_index"][i]]
+    first = boxed["rewards"][0]
+    assert boxed["best_reward"][0] == max(first[0], first[2]) and "boxed" in boxed["best_response"][0]
+    assert (
+        boxed["best_response"][1] is None and "none of the 3 responses matches" in boxed["annotate_preference_error"][1]
+    )
+    assert "boxed" in boxed["best_response"][2]
 
 
 def test_scores_pairs_and_columns_on_the_tiny_llama(tiny: str) -> None:
@@ -312,7 +340,7 @@ def test_missing_columns_and_unknown_pairing(tiny: str) -> None:
     with pytest.raises(ColumnError, match="'prompt'"):
         annotate_preference({"responses": [["a", "b"]]}, model=tiny)
     with pytest.raises(ValueError, match="unknown pairing"):
-        annotate_preference(BATCH, model=tiny, pairing="best")
+        annotate_preference(BATCH, model=tiny, pairing="worst")
 
 
 def test_tiny_model_is_deterministic_and_bundled(tiny: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

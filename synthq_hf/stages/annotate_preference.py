@@ -30,6 +30,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import re
 import statistics
 from collections import deque
 from collections.abc import Sequence
@@ -78,7 +79,8 @@ LLAMA3_CHAT_TEMPLATE = (
 )
 #: ``model=`` name of the tiny random Llama reward model built locally (:mod:`synthq_hf.tiny_reward`).
 BUNDLED_TINY = "bundled:tiny-reward"
-PAIRINGS = ("best_worst", "mean_minus_2std")
+#: ``best``: no pair, only the top response (SFT data, e.g. ScaleQuest's reward filtering).
+PAIRINGS = ("best_worst", "mean_minus_2std", "best")
 INSTALL = 'pip install -e ".[preferences]"'
 #: Padded tokens per forward pass on CPU: a pass this size keeps the cores busy without swapping a laptop.
 CPU_BATCH_TOKENS = 16_384
@@ -101,6 +103,8 @@ FEATURES = Features(
         "chosen_index": Value("int64"),
         "rejected_index": Value("int64"),
         "reward_margin": Value("float64"),
+        "best_response": Value("string"),
+        "best_reward": Value("float64"),
         f"{STAGE}_error": Value("string"),
     }
 )
@@ -403,17 +407,26 @@ def _free_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def pick_pair(rewards: Sequence[float], pairing: str = "best_worst") -> tuple[int, int] | None:
+def pick_pair(
+    rewards: Sequence[float], pairing: str = "best_worst", eligible: Sequence[int] | None = None
+) -> tuple[int, int | None] | None:
     """``(chosen, rejected)`` response indices, or ``None`` when every reward is the same (no pair).
 
     Chosen is the highest reward. Rejected, among the lower ones: the lowest (``best_worst``), or the one
     nearest mean − 2·std of the row's rewards (population std; ``mean_minus_2std``, reported to make better
     pairs than the worst for large N, since the very worst is often an outlier). Ties go to the lowest index, so
     the pair is deterministic; identical texts score identically, so rejected never repeats chosen's text.
+    ``eligible``: the responses that may be chosen (e.g. those with a final answer); ``best`` gives
+    ``(chosen, None)``.
     """
     if pairing not in PAIRINGS:
         raise ValueError(f"{STAGE}: unknown pairing {pairing!r}; use one of {', '.join(PAIRINGS)}")
-    chosen = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
+    candidates = range(len(rewards)) if eligible is None else eligible
+    if not candidates:
+        return None
+    chosen = max(candidates, key=lambda i: (rewards[i], -i))
+    if pairing == "best":
+        return chosen, None
     lower = [i for i, reward in enumerate(rewards) if reward < rewards[chosen]]
     if not lower:
         return None
@@ -430,7 +443,7 @@ def _value(batch: dict[str, list], column: str, i: int) -> Any:
     return None if values is None else values[i]
 
 
-def _row_input(batch: dict[str, list], i: int) -> tuple[str, list[str]] | dict[str, Any]:
+def _row_input(batch: dict[str, list], i: int, pairing: str) -> tuple[str, list[str]] | dict[str, Any]:
     """The row's prompt and responses, or its finished output (skipped, or its own error)."""
     responses = batch["responses"][i]
     if _value(batch, "rejected_by", i) is not None or _value(batch, "generate_responses_error", i) is not None:
@@ -444,6 +457,8 @@ def _row_input(batch: dict[str, list], i: int) -> tuple[str, list[str]] | dict[s
         return failure(STAGE, EMPTY, f"{STAGE}: empty or missing prompt")
     if None in responses:
         return failure(STAGE, EMPTY, f"{STAGE}: response {responses.index(None) + 1} of {len(responses)} is missing")
+    if pairing == "best":
+        return (prompt, responses) if responses else failure(STAGE, EMPTY, f"{STAGE}: no responses")
     if len(responses) < 2:
         return failure(STAGE, EMPTY, f"{STAGE}: {len(responses)} response(s): a pair needs two")
     if len(set(responses)) < 2:
@@ -452,7 +467,12 @@ def _row_input(batch: dict[str, list], i: int) -> tuple[str, list[str]] | dict[s
 
 
 def _row_output(
-    prompt: str, responses: list[str], results: list[dict[str, Any] | None], problems: list[str | None], pairing: str
+    prompt: str,
+    responses: list[str],
+    results: list[dict[str, Any] | None],
+    problems: list[str | None],
+    pairing: str,
+    require: re.Pattern[str] | None = None,
 ) -> dict[str, Any]:
     n = len(responses)
     for j, problem in enumerate(problems):
@@ -460,12 +480,27 @@ def _row_output(
             return failure(STAGE, EMPTY, f"{STAGE}: response {j + 1} of {n}: {problem}")
     done = [result for result in results if result is not None]
     rewards = [result["score"] for result in done]
-    pair = pick_pair(rewards, pairing)
+    eligible = None if require is None else [j for j, text in enumerate(responses) if require.search(text)]
+    if eligible == []:
+        return failure(STAGE, EMPTY, f"{STAGE}: none of the {n} responses matches {require.pattern!r}")
+    pair = pick_pair(rewards, pairing, eligible)
     if pair is None:
         return failure(STAGE, EMPTY, f"{STAGE}: all {n} responses have the same reward: no pair")
     chosen, rejected = pair
     objectives = [result["objectives"] for result in done]
+    best = {"best_response": responses[chosen], "best_reward": rewards[chosen]}
+    if rejected is None:
+        return {
+            **EMPTY,
+            "rewards": rewards,
+            "reward_objectives": None if None in objectives else objectives,
+            "reward_truncated": [result["truncated"] for result in done],
+            "chosen_index": chosen,
+            **best,
+            f"{STAGE}_error": None,
+        }
     return {
+        **best,
         "rewards": rewards,
         "reward_objectives": None if None in objectives else objectives,
         "reward_truncated": [result["truncated"] for result in done],
@@ -489,20 +524,24 @@ def annotate_preference(
     device: str | None = None,
     cache: bool = True,
     cache_path: str | None = None,
+    require: str | None = None,
 ) -> dict[str, list]:
     """``Dataset.map(batched=True)`` function: ``ds.map(annotate_preference, batched=True, batch_size=64,
     fn_kwargs={"model": "RLHFlow/ArmoRM-Llama3-8B-v0.1", "trust_remote_code": True})``.
 
     ``model``: a local folder, a Hub name, or ``bundled:tiny-reward``. ``max_length``: tokens per formatted chat
     (default: the model's context); longer responses are cut and flagged. ``max_batch_tokens``: padded tokens per
-    forward pass (default: from free GPU memory; :data:`CPU_BATCH_TOKENS` on CPU).
+    forward pass (default: from free GPU memory; :data:`CPU_BATCH_TOKENS` on CPU). ``require``: a regular
+    expression the chosen (or best) response must match, e.g. one finding a ``boxed{…}`` final answer; rows with no such
+    response are rejected with the reason. ``pairing="best"`` keeps only ``best_response``/``best_reward``.
     """
     if pairing not in PAIRINGS:
         raise ValueError(f"{STAGE}: unknown pairing {pairing!r}; use one of {', '.join(PAIRINGS)}")
     for column in ("prompt", "responses"):
         if column not in batch:
             raise ColumnError(f"{STAGE} needs an input column {column!r}; the dataset has columns {sorted(batch)}")
-    rows = [_row_input(batch, i) for i in range(len(batch["prompt"]))]
+    rows = [_row_input(batch, i, pairing) for i in range(len(batch["prompt"]))]
+    pattern = re.compile(require) if require is not None else None
     todo = [row for row in rows if isinstance(row, tuple)]
     if not todo:
         return _columns([row for row in rows if isinstance(row, dict)])
@@ -530,7 +569,9 @@ def annotate_preference(
     problems = _score_missing(rm, missing, [texts[key] for key in missing], limit, max_batch_tokens, known, store)
 
     outputs = iter(
-        _row_output(prompt, responses, [known.get(key) for key in keys], [problems.get(key) for key in keys], pairing)
+        _row_output(
+            prompt, responses, [known.get(key) for key in keys], [problems.get(key) for key in keys], pairing, pattern
+        )
         for (prompt, responses), keys in zip(todo, keys_of_rows, strict=True)
     )
     return _columns([row if isinstance(row, dict) else next(outputs) for row in rows])
@@ -584,11 +625,18 @@ def describe(model: str, pairing: str = "best_worst", revision: str | None = Non
     }
 
 
-def check(model: str, pairing: str = "best_worst", trust_remote_code: bool = False, **_: Any) -> None:
+def check(
+    model: str, pairing: str = "best_worst", trust_remote_code: bool = False, require: str | None = None, **_: Any
+) -> None:
     """Before the run: the pairing, the extra, and a local model folder (that it exists, is a sequence classifier,
     and may run its code), so a typo is one line now rather than after every response was generated."""
     if pairing not in PAIRINGS:
         raise RewardModelError(f"{STAGE}: unknown pairing {pairing!r}; use one of {', '.join(PAIRINGS)}")
+    if require is not None:
+        try:
+            re.compile(require)
+        except re.error as err:
+            raise RewardModelError(f"{STAGE}: require {require!r} is not a regular expression: {err}") from None
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
         raise RewardModelError(f"{STAGE} runs the reward model in process and needs torch and transformers: {INSTALL}")
     folder = _local_folder(model)
