@@ -10,9 +10,10 @@ from pathlib import Path
 
 import datasets
 import pytest
+import yaml
 from datasets import load_dataset
 
-from synthq_hf.recipes import RecipeError
+from synthq_hf.recipes import RecipeError, bundled_recipes
 from synthq_hf.recipes.recipe import build_recipe
 from synthq_hf.recipes.runner import run_recipe
 
@@ -168,3 +169,44 @@ def test_columns_naming_nothing_is_refused_before_the_folder_is_touched(make_stu
     assert "\n" not in str(info.value)
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
     assert stub.requests == []
+
+
+def stub_overrides(name: str, url: str, tmp_path: Path, guard_url: str | None = None) -> dict:
+    """A bundled recipe pointed at the stub (Llama-Guard's role at ``guard_url``), local data for Hub inputs,
+    the tiny reward model."""
+    from synthq_hf.recipes.recipe import RECIPE_DIR
+
+    data = yaml.safe_load((RECIPE_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
+    for role, spec in data["endpoints"].items():
+        spec.update(url=guard_url if role == "guard" and guard_url else url, backoff_s=0.01, timeout_s=10)
+    for spec in data["datasets"].values():
+        source = spec["source"]
+        if "dataset" in source and not source["dataset"].startswith("bundled:"):
+            source.update(dataset="bundled:corpus", text_column="text", config=None)
+        source["limit"] = min(source.get("limit") or 3, 3)
+        stages = spec["stages"]
+        if "annotate_preference" in stages:
+            stages["annotate_preference"].update(model="bundled:tiny-reward", trust_remote_code=False)
+        if "balance_topics" in stages:
+            stages["balance_topics"].update(target_size=2, n_topics=1)
+    data["search"] = {"backend": "bm25", "index": None} if "search" in data else data.get("search")
+    data["cache_path"] = str(tmp_path / "cache.sqlite")
+    data["output"]["dir"] = str(tmp_path / "out")
+    return {k: v for k, v in data.items() if v is not None}
+
+
+@pytest.mark.parametrize("name", bundled_recipes())
+def test_every_bundled_recipe_runs_end_to_end_against_the_stub(name, make_stub, tmp_path) -> None:
+    stub, guard = make_stub("openai"), make_stub("openai")
+    stub.seeded_replies = stub.varied_text = True
+    guard.queue(*["safe"] * 100)  # Llama-Guard's verdict for every moderated row
+    recipe = build_recipe(stub_overrides(name, stub.url, tmp_path, guard.url))
+    out = run_recipe(recipe)
+    report = json.loads((out / "run.json").read_text())
+    assert list(report["counts"]) == list(recipe.datasets)
+    for dataset, spec in recipe.datasets.items():
+        counts = report["counts"][dataset]
+        if spec.source.from_ is not None:  # every kept row of the source ends up in this config, kept or not
+            assert counts["train"] + counts["rejected"] == report["counts"][spec.source.from_]["train"]
+    assert sum(c["train"] for c in report["counts"].values()) > 0  # rows made it through, not only rejections
+    assert (out / "README.md").is_file()

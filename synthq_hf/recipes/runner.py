@@ -533,7 +533,7 @@ def _stream(
     streamed = isinstance(mapped, IterableDataset)
     progress = _Progress(name, total, run.tokens) if streamed else None
     kept_rows = rejected_rows = errors = 0
-    for row in mapped if streamed else mapped.to_iterable_dataset():
+    for row in mapped:  # (a Dataset of 0 rows cannot become an IterableDataset: it has no shard)
         tally.add(row)
         if row.get("rejected_by"):
             rejected.add(_shaped(row, rejected_rename))
