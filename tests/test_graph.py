@@ -46,6 +46,10 @@ def graph(url: str, tmp_path: Path, instructions: dict, **more: dict) -> dict:
     }
 
 
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 PREFERENCES = {
     "source": {"from": "instructions"},
     "stages": {"generate_responses": {"n": 3}, "annotate_preference": {"model": "bundled:tiny-reward"}},
@@ -171,9 +175,9 @@ def test_columns_naming_nothing_is_refused_before_the_folder_is_touched(make_stu
     assert stub.requests == []
 
 
-def stub_overrides(name: str, url: str, tmp_path: Path, guard_url: str | None = None) -> dict:
-    """A bundled recipe pointed at the stub (Llama-Guard's role at ``guard_url``), local data for Hub inputs,
-    the tiny reward model."""
+def stub_overrides(name: str, url: str, tmp_path: Path, guard_url: str, judge_url: str) -> dict:
+    """A bundled recipe pointed at the stub (Llama-Guard's role at ``guard_url``, the solvability judge at
+    ``judge_url``), local data for Hub inputs, the tiny reward model."""
     from synthq_hf.recipes.recipe import RECIPE_DIR
 
     data = yaml.safe_load((RECIPE_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
@@ -189,6 +193,9 @@ def stub_overrides(name: str, url: str, tmp_path: Path, guard_url: str | None = 
             stages["annotate_preference"].update(model="bundled:tiny-reward", trust_remote_code=False)
         if "balance_topics" in stages:
             stages["balance_topics"].update(target_size=2, n_topics=1)
+        if "filter_questions" in stages:
+            stages["filter_questions"]["endpoint"] = "judge"
+            data["endpoints"]["judge"] = {"url": judge_url, "backoff_s": 0.01, "timeout_s": 10}
     data["search"] = {"backend": "bm25", "index": None} if "search" in data else data.get("search")
     data["cache_path"] = str(tmp_path / "cache.sqlite")
     data["output"]["dir"] = str(tmp_path / "out")
@@ -197,10 +204,12 @@ def stub_overrides(name: str, url: str, tmp_path: Path, guard_url: str | None = 
 
 @pytest.mark.parametrize("name", bundled_recipes())
 def test_every_bundled_recipe_runs_end_to_end_against_the_stub(name, make_stub, tmp_path) -> None:
-    stub, guard = make_stub("openai"), make_stub("openai")
+    stub, guard, judge = make_stub("vllm"), make_stub("openai"), make_stub("openai")
+    stub.chat_template = CHATML  # served for `template: auto`
     stub.seeded_replies = stub.varied_text = True
     guard.queue(*["safe"] * 100)  # Llama-Guard's verdict for every moderated row
-    recipe = build_recipe(stub_overrides(name, stub.url, tmp_path, guard.url))
+    judge.queue(*["It can be solved.\nYes"] * 100)  # the solvability judge's verdict
+    recipe = build_recipe(stub_overrides(name, stub.url, tmp_path, guard.url, judge.url))
     out = run_recipe(recipe)
     report = json.loads((out / "run.json").read_text())
     assert list(report["counts"]) == list(recipe.datasets)

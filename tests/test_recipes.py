@@ -10,7 +10,7 @@ import pytest
 from datasets import load_dataset
 
 from synthq_hf.cli import main
-from synthq_hf.recipes import RecipeError, load_recipe
+from synthq_hf.recipes import RecipeError, bundled_recipes, load_recipe
 from synthq_hf.recipes.recipe import build_recipe
 from synthq_hf.recipes.runner import run_recipe
 
@@ -112,7 +112,9 @@ def test_recipe_mistakes_are_one_line(overrides, message) -> None:
 def test_unknown_recipe_lists_the_bundled_ones(capsys) -> None:
     assert main(["run", "no-such-recipe"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "error: unknown recipe 'no-such-recipe'; bundled recipes: demo, synthquestions"
+    listed = ", ".join(bundled_recipes())
+    assert {"demo", "synthquestions", "scalequest", "scalequest_demo"} <= set(bundled_recipes())
+    assert err.strip() == f"error: unknown recipe 'no-such-recipe'; bundled recipes: {listed}"
 
 
 def test_yaml_typo_names_the_line(tmp_path, capsys) -> None:
