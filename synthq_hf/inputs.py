@@ -15,7 +15,12 @@ import datasets
 
 DATA_DIR = Path(__file__).parent / "data"
 #: ``bundled:NAME`` → a JSONL file shipped in the package (``synthq_hf/data``), so the demo runs offline.
-BUNDLED = {"seeds": "seeds.jsonl", "corpus": "corpus.jsonl", "sample_instructions": "sample_instructions.jsonl"}
+BUNDLED = {
+    "seeds": "seeds.jsonl",
+    "corpus": "corpus.jsonl",
+    "sample_instructions": "sample_instructions.jsonl",
+    "personas": "personas.jsonl",
+}
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
