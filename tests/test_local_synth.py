@@ -177,3 +177,32 @@ def test_a_dead_embedded_server_is_named_as_such() -> None:
     env = {k: v for k, v in os.environ.items() if k != "SYNTHQ_LOCAL_URL"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert "the embedded llama.cpp server exited (code -9)" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+def test_scalequest_demo_on_the_embedded_server(local_endpoint: EndpointConfig, tmp_path, monkeypatch) -> None:
+    """The demo-sized ScaleQuest recipe on the real server: questions from the bare ChatML user prefix, filtered,
+    answered and reward-ranked; every generated row is a question kept or rejected with its reason."""
+    from datasets import load_dataset
+
+    from synthq_hf.cli import main
+
+    monkeypatch.setenv("SYNTHQ_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "scalequest"
+    assert main(["run", "scalequest_demo", "--limit", "2", "--output", str(out)]) == 0
+    report = json.loads((out / "run.json").read_text())
+    counts = report["counts"]
+    assert counts["questions"]["train"] + counts["questions"]["rejected"] == 2
+    assert counts["sft"]["train"] + counts["sft"]["rejected"] == counts["questions"]["train"]
+    usage = report["usage"]["synthesize_from_scratch"]
+    assert usage["requests"] + usage["cache_hits"] == 2  # one raw completion per generated row
+    questions = load_dataset(str(out), "questions")
+    for split in questions.values():
+        for row in split:
+            if row["rejected_by"]:
+                assert row["reason"], row
+            else:
+                assert row["prompt"] and row["prefix_source"] == "preset:chatml" and row["language_ok"], row
+    if counts["sft"]["train"]:
+        sft = load_dataset(str(out), "sft", split="train")
+        assert {"question", "response", "reward"} <= set(sft.column_names)
+        assert all(row["response"] and row["reward"] is not None for row in sft)

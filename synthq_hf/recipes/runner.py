@@ -398,8 +398,14 @@ def _chain(run: Run, rows: Rows, stages: list[tuple[str, dict[str, Any]]]) -> Ro
         if step.post:
             features = Features({**features, **(step.post_features or {})})
             rows = _map(rows, step.post, post_kwargs, features, f"{name} marks")
-    features = Features({**features, **REJECT_FEATURES})
-    return _map(rows, mark_rejected, {"threshold": None}, features, "mark rejected")
+        # A row this stage failed is out from here on: later stages skip it (no requests) and their own marking
+        # cannot claim it, so its reason stays this stage's.
+        features = Features({**features, **REJECT_FEATURES})
+        rows = _map(rows, mark_rejected, {"threshold": None}, features, f"{name} failures")
+    if not stages:
+        features = Features({**features, **REJECT_FEATURES})
+        rows = _map(rows, mark_rejected, {"threshold": None}, features, "mark rejected")
+    return rows
 
 
 def _schema(base: Features, name: str, spec: DatasetSpec) -> tuple[Features, Features]:
