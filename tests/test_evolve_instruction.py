@@ -24,8 +24,8 @@ SEED = "Write a Python function that reverses a string."
 SEED_ROWS = {"id": ["r1"], "prompt": [SEED]}
 FIRST = "Write a Python function that reverses a string without slicing or reversed(), and explain its cost."
 SECOND = "Write a Python function that reverses a string of Unicode grapheme clusters without slicing."
-NOT_EQUAL = json.dumps({"reasoning": "The second adds a constraint.", "equal": False})
-EQUAL = json.dumps({"reasoning": "Only the wording changed.", "equal": True})
+GAIN = json.dumps({"reasoning": "The second adds a constraint.", "adds_information": True})
+NO_GAIN = json.dumps({"reasoning": "Only the wording changed.", "adds_information": False})
 LONG = " ".join(f"word{i}" for i in range(120))  # a full answer: no refusal, over 80 words
 LONG_2 = " ".join(f"term{i}" for i in range(120))
 
@@ -45,7 +45,7 @@ def run(rows: dict, config, **kwargs) -> Dataset:
 
 
 def test_a_kept_round_is_the_parent_of_the_next(stub, make_config) -> None:
-    stub.queue(evolved(FIRST), NOT_EQUAL, LONG, evolved(SECOND), NOT_EQUAL, LONG_2)
+    stub.queue(evolved(FIRST), GAIN, LONG, evolved(SECOND), GAIN, LONG_2)
     row = run(SEED_ROWS, make_config(stub.url), rounds=2)[0]
     assert row["evolve_instruction_error"] is None
     assert row["prompt"] == SEED  # the seed column is left as it was
@@ -58,7 +58,7 @@ def test_a_kept_round_is_the_parent_of_the_next(stub, make_config) -> None:
     sent = chats(stub)
     assert len(sent) == 6  # evolve, compare, respond per round
     assert SEED in sent[0]["messages"][-1]["content"]
-    assert sent[1]["messages"] == prompts.render(f"{STAGE}.equal", first=SEED, second=FIRST)
+    assert sent[1]["messages"] == prompts.render(f"{STAGE}.gain", first=SEED, second=FIRST)
     assert sent[1]["temperature"] == 0.0  # a verdict, not a sample
     assert sent[2]["messages"] == [{"role": "user", "content": FIRST}]  # the candidate as it is
     assert FIRST in sent[3]["messages"][-1]["content"]  # round 2 evolves round 1's survivor
@@ -75,14 +75,14 @@ COPIED = [f"{word.upper()} {FIRST}" for word in TEMPLATE_WORDS[:3]] + [
 @pytest.mark.parametrize(
     ("script", "rule", "requests"),
     [
-        ([evolved(FIRST), EQUAL], "no_information_gain", 2),
+        ([evolved(FIRST), NO_GAIN], "no_information_gain", 2),
         ([evolved("  write a python function that REVERSES a string.  ")], "no_information_gain", 1),
-        ([evolved(FIRST), NOT_EQUAL, REFUSAL], "refusal", 3),
-        ([evolved(FIRST), NOT_EQUAL, "I\u2019m unable to do this. " + LONG], "refusal", 3),
-        ([evolved(FIRST), NOT_EQUAL, "def rev(s): return s[::-1]"], "too_short", 3),
+        ([evolved(FIRST), GAIN, REFUSAL], "refusal", 3),
+        ([evolved(FIRST), GAIN, "I\u2019m unable to do this. " + LONG], "refusal", 3),
+        ([evolved(FIRST), GAIN, "def rev(s): return s[::-1]"], "too_short", 3),
         *[([evolved(text)], "copied_template_words", 1) for text in COPIED],
     ],
-    ids=["judge-equal", "same-text", "sorry", "unable-curly-quote", "too-short"] + [f"copied-{i}" for i in range(5)],
+    ids=["judge-no-gain", "same-text", "sorry", "unable-curly-quote", "too-short"] + [f"copied-{i}" for i in range(5)],
 )
 def test_each_rule_eliminates_on_its_reply(stub, make_config, script, rule, requests) -> None:
     stub.queue(*script)
@@ -106,20 +106,20 @@ def test_each_rule_eliminates_on_its_reply(stub, make_config, script, rule, requ
 )
 def test_no_rule_fires_on_a_good_candidate(stub, make_config, candidate, response, min_words) -> None:
     parent = "Reverse the given prompt; given prompt means the user's input text."
-    stub.queue(evolved(candidate), NOT_EQUAL, response)
+    stub.queue(evolved(candidate), GAIN, response)
     row = run({"id": ["r1"], "prompt": [parent]}, make_config(stub.url), rounds=1, min_response_words=min_words)[0]
     assert row["evolution"][0]["eliminated_by"] is None
     assert (row["evolved_prompt"], row["evolved_response"], row["evolution_rounds_kept"]) == (candidate, response, 1)
 
 
 def test_one_word_under_the_threshold_is_too_short(stub, make_config) -> None:
-    stub.queue(evolved(FIRST), NOT_EQUAL, "four words only here")
+    stub.queue(evolved(FIRST), GAIN, "four words only here")
     row = run(SEED_ROWS, make_config(stub.url), rounds=1, min_response_words=5)[0]
     assert row["evolution"][0]["eliminated_by"] == "too_short"
 
 
 def test_an_eliminated_round_retries_from_the_survivor(stub, make_config) -> None:
-    stub.queue(evolved(FIRST), EQUAL, evolved(SECOND), NOT_EQUAL, LONG)
+    stub.queue(evolved(FIRST), NO_GAIN, evolved(SECOND), GAIN, LONG)
     row = run(SEED_ROWS, make_config(stub.url), rounds=2)[0]
     assert [e["eliminated_by"] for e in row["evolution"]] == ["no_information_gain", None]
     second_evolve = chats(stub)[2]["messages"][-1]["content"]
@@ -128,14 +128,14 @@ def test_an_eliminated_round_retries_from_the_survivor(stub, make_config) -> Non
 
 
 def test_a_verdict_that_is_not_a_json_boolean_is_a_row_error(stub, make_config) -> None:
-    stub.queue(evolved(FIRST), json.dumps({"reasoning": "Same task.", "equal": "yes"}))
+    stub.queue(evolved(FIRST), json.dumps({"reasoning": "Same task.", "adds_information": "no"}))
     row = run(SEED_ROWS, make_config(stub.url), rounds=1, attempts=1)[0]
     assert row["evolved_prompt"] is None and row["evolution"] is None
-    assert "equal" in row["evolve_instruction_error"] and "raw reply" in row["evolve_instruction_error"]
+    assert "adds_information" in row["evolve_instruction_error"] and "raw reply" in row["evolve_instruction_error"]
 
 
 def test_a_failed_request_keeps_the_row_with_its_error(stub, make_config) -> None:
-    stub.queue(evolved(FIRST), NOT_EQUAL, ("status", 400, "prompt too long"))
+    stub.queue(evolved(FIRST), GAIN, ("status", 400, "prompt too long"))
     out = run({"id": ["r1", "r2"], "prompt": [SEED, "  "]}, make_config(stub.url), rounds=2)
     failed, blank = out[0], out[1]
     assert out.num_rows == 2
@@ -155,7 +155,7 @@ def expected_operations(run_seed: int, rid: str, rounds: int, operations: tuple[
 
 def test_rounds_and_operations_are_seeded_per_row_and_round(make_stub, make_config, tmp_path) -> None:
     rows = {"id": ["a", "b", "c", "d"], "prompt": [f"Explain topic {i} to a beginner." for i in range(4)]}
-    stub = make_stub("openai")  # unscripted: the smallest valid replies, so every judge says "equal"
+    stub = make_stub("openai")  # unscripted: "stub reply" is too short, every round falls
     first = run(rows, make_config(stub.url, seed=3), rounds=3)
     again = run(rows, make_config(make_stub("openai").url, seed=3, cache_path=str(tmp_path / "other.sqlite")), rounds=3)
     assert first["evolution"] == again["evolution"]  # a rerun with no cache evolves every row the same way
@@ -209,7 +209,7 @@ def test_the_bundled_recipe_loads() -> None:
 def test_every_round_eliminated_lands_in_rejected_with_its_rules(make_stub, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("SYNTHQ_CACHE_DIR", str(tmp_path / "c"))
     stub = make_stub("openai")
-    stub.queue(evolved(f"Rewritten instruction: {FIRST}"), evolved(SECOND), EQUAL)  # one row: requests in order
+    stub.queue(evolved(f"Rewritten instruction: {FIRST}"), evolved(SECOND), NO_GAIN)  # one row: requests in order
     out = run_recipe(build_recipe(recipe_data(stub.url, tmp_path, limit=1)))
     assert json.loads((out / "run.json").read_text())["counts"]["evolved"]["train"] == 0
     (row,) = load_dataset(str(out), "evolved", split="rejected")
@@ -222,10 +222,10 @@ def test_the_bundled_recipe_runs_end_to_end(make_stub, tmp_path, monkeypatch) ->
     monkeypatch.setenv("SYNTHQ_CACHE_DIR", str(tmp_path / "c"))
     stub = make_stub("openai")
     # Two rows run concurrently, so their requests interleave: one reply fits all three kinds. pydantic ignores
-    # the keys a model lacks, so it is an evolved instruction and a "not equal" verdict; as free text it is a
+    # the keys a model lacks, so it is an evolved instruction and a verdict of gain; as free text it is a
     # response of over 80 words. Round 2 returns the same instruction: no gain, eliminated without a request.
     text = "Summarise the causes of the 1929 crash for a history class, " + LONG
-    universal = json.dumps({"instruction": text, "reasoning": "It asks for more.", "equal": False})
+    universal = json.dumps({"instruction": text, "reasoning": "It asks for more.", "adds_information": True})
     stub.queue(*[universal] * 8)  # 4 requests a row: evolve, compare, respond; evolve
     out = run_recipe(build_recipe(recipe_data(stub.url, tmp_path, limit=2)))
     train = load_dataset(str(out), "evolved", split="train")

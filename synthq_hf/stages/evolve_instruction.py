@@ -9,7 +9,7 @@ Output columns: ``evolved_prompt`` (str: the last surviving instruction, the see
 kept round, else the rule's name), ``evolution_rounds_kept`` (int), ``evolve_instruction_error`` (str, ``None``
 on success).
 Prompts: ``prompts/evolve_instruction.system.j2`` / ``.user.j2`` (one template, the operation a Jinja variable),
-``prompts/evolve_instruction.equal.system.j2`` / ``.user.j2`` (the equality check). The response is asked with
+``prompts/evolve_instruction.gain.system.j2`` / ``.user.j2`` (the information-gain check). The response is asked with
 the candidate as the user turn as it is, like ``generate_responses``: it is what a model answers to it.
 
 Each round picks one operation with ``random.Random(derive_seed(run seed, "evolve_instruction.operation", row id,
@@ -19,9 +19,10 @@ topic). The candidate is then checked against the paper's elimination rules, che
 that fires names the elimination (a candidate eliminated by one rule costs no further request):
 
 1. ``copied_template_words``: it contains wording of our prompt (:data:`TEMPLATE_WORDS`) its parent did not.
-2. ``no_information_gain``: it equals its parent: the same text once whitespace and case are folded (no request),
-   else by the LLM's verdict (reasoning, then a strict JSON boolean; a reply that is not one is a row error, the
-   stage never guesses).
+2. ``no_information_gain``: it adds nothing to its parent: the same text once whitespace and case are folded (no
+   request), else by the LLM's verdict (reasoning, then a strict JSON boolean ``adds_information``; a reply that
+   is not one is a row error, the stage never guesses). The paper asks whether the two are equal; we ask the
+   same question the other way round, so that the verdict names the rule.
 3. ``refusal``: the response opens with a refusal (:data:`REFUSAL_MARKERS` in its first
    :data:`REFUSAL_OPENING_CHARS` characters): a refusal says so up front, while "sorry to hear" deep inside a
    long answer is no refusal.
@@ -94,11 +95,11 @@ class EvolvedInstruction(BaseModel):
     instruction: str = Field(min_length=1, max_length=4000, description="the rewritten instruction, on its own")
 
 
-class Equality(BaseModel):
+class Gain(BaseModel):
     """Reasoning before the verdict: think, then decide. ``StrictBool``: only JSON ``true``/``false`` count."""
 
     reasoning: str = Field(max_length=600, description="one to three sentences")
-    equal: StrictBool
+    adds_information: StrictBool
 
 
 ROUND_FEATURES = {
@@ -173,7 +174,7 @@ async def evolve_instruction(
     """``Dataset.map`` function: ``ds.map(evolve_instruction, fn_kwargs={"endpoint": cfg, "rounds": 3})``.
 
     ``max_tokens`` bounds both the evolved instruction and the response; ``temperature`` applies to both (the
-    equality check runs at 0: a verdict, not a sample). Requests per row: up to three a round (evolve, compare,
+    information-gain check runs at 0: a verdict, not a sample). Requests per row: up to three a round (evolve, compare,
     respond), fewer when a cheap rule eliminates the candidate first.
     """
     check(rounds, operations, min_response_words)
@@ -236,8 +237,8 @@ async def _round(
         return candidate, None, "no_information_gain"
     verdict, _ = await generate(
         endpoint,
-        prompts.render(f"{STAGE}.equal", first=parent, second=candidate),
-        Equality,
+        prompts.render(f"{STAGE}.gain", first=parent, second=candidate),
+        Gain,
         stage=STAGE,
         row_id=rid,
         sample=sample + _JUDGE,
@@ -245,7 +246,7 @@ async def _round(
         attempts=attempts,
         temperature=0.0,
     )
-    if verdict.equal:
+    if not verdict.adds_information:
         return candidate, None, "no_information_gain"
     reply = await get_client(endpoint).chat(
         [{"role": "user", "content": candidate}],
