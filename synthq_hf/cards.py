@@ -528,6 +528,10 @@ def write_card(out: Path, report: Mapping[str, Any], configs: Mapping[str, Mappi
         .get_template(TEMPLATE)
         .render(
             pretty_name=metadata.pretty_name,
+            # The SynthQuestions account only where its stages ran; other recipes say what they are.
+            synthquestions=any(s.get("name") == "generate_instruction" for s in report.get("stages") or []),
+            recipe_name=(report.get("recipe") or {}).get("name"),
+            description=(report.get("recipe") or {}).get("description"),
             load_target=report.get("repo_id") or str(out.resolve()),
             load_config="instructions" if "instructions" in configs else next(iter(configs), None),
             contents=contents,

@@ -619,3 +619,18 @@ def test_a_run_without_a_filter_says_no_threshold_was_applied(tmp_path) -> None:
     assert _threshold({"recipe": recipe}) == (None, True)
     filtered = {"datasets": {"instructions": {"stages": {"score_instruction": {}, "filter": {"threshold": 4}}}}}
     assert _threshold({"recipe": filtered}) == (4, True)
+
+
+def test_the_method_told_is_the_one_that_ran(folder):
+    """A recipe without SynthQuestions' stages (ScaleQuest, Magpie…) is described by its own name and description."""
+    out, configs = folder
+    synthq = cards.write_card(out, full_report(), configs).read_text(encoding="utf-8")
+    assert "SynthQuestions (Zhu et al., 2025" in synthq
+    report = {
+        **full_report(),
+        "recipe": {"name": "scalequest", "description": "Questions from scratch.", "datasets": {}},
+        "stages": [{"dataset": "questions", "name": "synthesize_from_scratch", "in": 3, "out": 3}],
+    }
+    other = cards.write_card(out, report, configs).read_text(encoding="utf-8")
+    assert "SynthQuestions (Zhu et al., 2025" not in other
+    assert "made by the recipe `scalequest`: Questions from scratch." in other

@@ -644,9 +644,7 @@ def _report(run: Run, results: dict[str, Result], started: float, push_to_hub: s
         "stats": stats,
         "diversity": {k: v for per in stats.values() for figures in per.values() for k, v in figures.items()},
         "pretty_name": recipe.output.pretty_name,
-        "prompt_hashes": {
-            s: prompts.prompt_hash(s) for s in stages_used if (prompts.PROMPT_DIR / f"{s}.user.j2").exists()
-        },
+        "prompt_hashes": {s: prompts.prompt_hash(s) for s in stages_used if any(prompts.PROMPT_DIR.glob(f"{s}.*.j2"))},
         "sources": {name: _describe_source(run, name, spec.source) for name, spec in recipe.datasets.items()},
         "derived_ids": dict(run.derived_ids),
         "usage": usage,
