@@ -193,6 +193,8 @@ def stub_overrides(name: str, url: str, tmp_path: Path, guard_url: str, judge_ur
             stages["annotate_preference"].update(model="bundled:tiny-reward", trust_remote_code=False)
         if "balance_topics" in stages:
             stages["balance_topics"].update(target_size=2, n_topics=1)
+        if "evolve_instruction" in stages:  # the stub's free text is 12 words: under the paper's 80
+            stages["evolve_instruction"]["min_response_words"] = 5
         if "filter_questions" in stages:
             stages["filter_questions"]["endpoint"] = "judge"
             data["endpoints"]["judge"] = {"url": judge_url, "backoff_s": 0.01, "timeout_s": 10}
