@@ -473,6 +473,7 @@ def _row_output(
     problems: list[str | None],
     pairing: str,
     require: re.Pattern[str] | None = None,
+    min_reward: float | None = None,
 ) -> dict[str, Any]:
     n = len(responses)
     for j, problem in enumerate(problems):
@@ -488,6 +489,8 @@ def _row_output(
         return failure(STAGE, EMPTY, f"{STAGE}: all {n} responses have the same reward: no pair")
     chosen, rejected = pair
     objectives = [result["objectives"] for result in done]
+    if min_reward is not None and rewards[chosen] < min_reward:
+        return failure(STAGE, EMPTY, f"{STAGE}: best reward {rewards[chosen]:.3f} < min_reward {min_reward}")
     best = {"best_response": responses[chosen], "best_reward": rewards[chosen]}
     if rejected is None:
         return {
@@ -525,6 +528,7 @@ def annotate_preference(
     cache: bool = True,
     cache_path: str | None = None,
     require: str | None = None,
+    min_reward: float | None = None,
 ) -> dict[str, list]:
     """``Dataset.map(batched=True)`` function: ``ds.map(annotate_preference, batched=True, batch_size=64,
     fn_kwargs={"model": "RLHFlow/ArmoRM-Llama3-8B-v0.1", "trust_remote_code": True})``.
@@ -533,7 +537,9 @@ def annotate_preference(
     (default: the model's context); longer responses are cut and flagged. ``max_batch_tokens``: padded tokens per
     forward pass (default: from free GPU memory; :data:`CPU_BATCH_TOKENS` on CPU). ``require``: a regular
     expression the chosen (or best) response must match, e.g. one finding a ``boxed{…}`` final answer; rows with no such
-    response are rejected with the reason. ``pairing="best"`` keeps only ``best_response``/``best_reward``.
+    response are rejected with the reason. ``min_reward``: rows whose best reward is lower are rejected too
+    (Magpie's reward filter; the scale is the reward model's own). ``pairing="best"`` keeps only
+    ``best_response``/``best_reward``.
     """
     if pairing not in PAIRINGS:
         raise ValueError(f"{STAGE}: unknown pairing {pairing!r}; use one of {', '.join(PAIRINGS)}")
@@ -570,7 +576,13 @@ def annotate_preference(
 
     outputs = iter(
         _row_output(
-            prompt, responses, [known.get(key) for key in keys], [problems.get(key) for key in keys], pairing, pattern
+            prompt,
+            responses,
+            [known.get(key) for key in keys],
+            [problems.get(key) for key in keys],
+            pairing,
+            pattern,
+            min_reward,
         )
         for (prompt, responses), keys in zip(todo, keys_of_rows, strict=True)
     )
