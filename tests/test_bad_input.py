@@ -169,7 +169,7 @@ def test_run_refuses_a_missing_seeds_file(run_stub, tmp_path) -> None:
         ("endpoints.generator.timeout=3", "unknown key endpoints.generator.timeout"),
         ("instructions.scroe_instruction={}", "unknown stage instructions.scroe_instruction"),
         ("instructions.score_instruction.thresh=3", "unknown parameter instructions.score_instruction.thresh"),
-        ("corpus.limit", "--set expects KEY=VALUE (e.g. corpus.limit=10), got 'corpus.limit'"),
+        ("corpus.limit", "--set expects KEY=VALUE (e.g. endpoints.generator.url=http://tgi:8080), got 'corpus.limit'"),
     ],
     ids=["recipe key typo", "endpoint key typo", "stage name typo", "unknown stage parameter", "--set no value"],
 )

@@ -172,7 +172,7 @@ def _parse_value(text: str) -> Any:
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply ``a.b.c=value`` to the raw recipe mapping (before validation, so typos are caught there)."""
     if "=" not in assignment:
-        raise RecipeError(f"--set expects KEY=VALUE (e.g. corpus.limit=10), got {assignment!r}")
+        raise RecipeError(f"--set expects KEY=VALUE (e.g. endpoints.generator.url=http://tgi:8080), got {assignment!r}")
     key, value = assignment.split("=", 1)
     parts = key.strip().split(".")
     node = data
