@@ -177,13 +177,10 @@ async def resolve_prefix(
     system: str | None = None,
 ) -> Prefix:
     """The user prefix for this endpoint, worked out once per process (the server is asked once)."""
+    check(template, prefix, stop)
     if prefix is not None:
-        if not stop:
-            raise TemplateError(f"{STAGE}: prefix: needs stop: (the text that ends the user's turn)")
-        return Prefix(prefix, tuple(stop), "recipe")
+        return Prefix(prefix, tuple(stop or ()), "recipe")
     if template != "auto":
-        if template not in PRESETS:
-            raise TemplateError(f"{STAGE}: unknown template {template!r}; use auto or one of {', '.join(PRESETS)}")
         found = PRESETS[template]
         return Prefix(found.text, found.stop, f"preset:{template}")
     if tokenizer_config is not None:
