@@ -61,6 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         push_to_hub=args.push_to_hub,
         private=args.private,
+        engine=args.engine,
+        ray_address=args.address,
     )
     report = json.loads((out / "run.json").read_text(encoding="utf-8"))
     written = ", ".join(f"{name} {c['train']} kept / {c['rejected']} rejected" for name, c in report["counts"].items())
@@ -132,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace a folder that holds another run")
     run.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to this Hub dataset repo")
     run.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    run.add_argument(
+        "--engine",
+        choices=["datasets", "ray"],
+        default="datasets",
+        help="where the row stages run: this process (datasets, the default) or a Ray cluster (ray: needs the "
+        'ray extra, pip install -e ".[ray]"; endpoints.ROLE.replicas spreads its actors over server URLs)',
+    )
+    run.add_argument("--address", help="the Ray cluster for --engine ray, e.g. ray://head:10001 (default: auto)")
     run.set_defaults(func=cmd_run)
 
     from synthq_hf.hub import add_push_command
@@ -155,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     from synthq_hf.hub import HubPushError
     from synthq_hf.local_server import LocalServerError
     from synthq_hf.output import OutputError
+    from synthq_hf.ray_engine import RayEngineError
     from synthq_hf.stages._common import ColumnError
 
     args = build_parser().parse_args(argv)
@@ -166,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         LocalServerError,
         OutputError,
         HubPushError,
+        RayEngineError,
         FileNotFoundError,
         FileExistsError,
         ValueError,

@@ -70,6 +70,9 @@ class EndpointConfig:
     seed: int = 0
     cache: bool = True
     cache_path: str | None = None
+    #: Server URLs of the same model for the ``ray`` engine, spread over its actors (``url`` is what the
+    #: ``datasets`` engine and the card use). Not part of the request cache key: replicas share answers.
+    replicas: tuple[str, ...] = ()
     #: Requests, cache hits, tokens and latency by stage, counted by every client made from this config: the
     #: run that made the config reads them (``run.json``, the card, progress). Not part of its identity.
     usage: dict[str, Usage] = field(default_factory=dict, compare=False, repr=False)
@@ -81,6 +84,8 @@ class EndpointConfig:
         if isinstance(params, dict):
             params = tuple(sorted(params.items()))
         object.__setattr__(self, "params", tuple(tuple(p) for p in params))
+        replicas = (self.replicas,) if isinstance(self.replicas, str) else self.replicas
+        object.__setattr__(self, "replicas", tuple(replicas))
 
     def __hash__(self) -> int:
         params = orjson.dumps(dict(self.params), option=orjson.OPT_SORT_KEYS)
@@ -113,6 +118,9 @@ class EndpointConfig:
         """Plain data for recipes and reports: the fields that say what the endpoint is, not what it counted."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "usage"}
         data["params"] = dict(self.params)
+        data["replicas"] = list(self.replicas)
+        if not self.replicas:  # an endpoint without replicas reads as it did before they existed (resume markers)
+            del data["replicas"]
         return data
 
 

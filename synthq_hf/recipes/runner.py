@@ -57,6 +57,7 @@ class Run:
     inputs: dict[str, Rows]
     search: dict[str, Any]
     limit: int | None = None
+    engine: str = "datasets"
     train: dict[str, Dataset] = field(default_factory=dict)
     derived_ids: Counter[str] = field(default_factory=Counter)
 
@@ -478,7 +479,12 @@ def _run_dataset(run: Run, name: str, spec: DatasetSpec) -> Result:
         folder, features, rename = (run.out, shaped, spec.rename) if final else (run.out / WORK / name, full, {})
         writer = output.ShardWriter(folder, f"{name}-{number}" if not final else name, "train", features, shard_rows)
         if row_stages or number == 0 or isinstance(kept, IterableDataset):
-            mapped = _chain(run, kept, row_stages)
+            if run.engine == "ray":
+                from synthq_hf.ray_engine import ray_chain
+
+                mapped = ray_chain(run, kept, row_stages)
+            else:
+                mapped = _chain(run, kept, row_stages)
             table, reasons = _stream(run, name, mapped, (writer, rename), (rejected, spec.rename), total, row_stages)
             result.table += table
             result.reasons.update(reasons)
@@ -565,13 +571,19 @@ def run_recipe(
     private: bool = False,
     corpus: Rows | None = None,
     sources: dict[str, Rows] | None = None,
+    engine: str = "datasets",
+    ray_address: str | None = None,
 ) -> Path:
     """Run ``recipe`` into ``out_dir`` (default ``recipe.output.dir``); optionally push the folder to the Hub.
 
     ``sources`` replaces named datasets' outside sources with datasets built in Python (e.g. an
     ``IterableDataset`` from a generator); ``corpus`` is the same for the main input (:attr:`Recipe.main`).
     The recipe's ``text_column``, ``as`` and ``limit`` still apply. ``limit`` caps the main input.
+    ``engine="ray"`` runs the row stages on Ray Data (:mod:`synthq_hf.ray_engine`), on the cluster at
+    ``ray_address`` (default: the one Ray finds, else a local one); the output is the same.
     """
+    if engine not in ("datasets", "ray"):
+        raise ValueError(f"unknown engine {engine!r}: use datasets or ray")
     out = Path(out_dir or recipe.output.dir)
     given = dict(sources or {})
     if corpus is not None:
@@ -582,8 +594,12 @@ def run_recipe(
         for stage, params in spec.stages.items():
             if registry[stage].check is not None:
                 registry[stage].check(**params)
-    run = Run(recipe, out, inputs, _search(recipe), limit)
+    run = Run(recipe, out, inputs, _search(recipe), limit, engine)
     _check_shapes(run)
+    if engine == "ray":  # no Ray, or no cluster there: refused before the folder is touched
+        from synthq_hf.ray_engine import connect
+
+        connect(ray_address)
     _prepare(out, recipe, overwrite)
     # datasets keeps up to this many rows in flight per async map and, per finished row, waits on all of them
     # (O(in flight) each): twice the widest endpoint's concurrency keeps servers busy at a fraction of the cost.

@@ -1,0 +1,275 @@
+"""The ``ray`` engine: a dataset's row and batch stages as ``map_batches`` over a ``ray.data`` dataset.
+
+Why Ray Data and not a scheduler of ours: it already places actors across a cluster, scales an actor pool between
+``(min, max)``, retries failed tasks and streams blocks with backpressure. What stays ours is what makes the
+output the same as the ``datasets`` engine's:
+
+- **The same calls.** Each stage line becomes one actor class (:class:`_StageActor`) that does for a block of rows
+  exactly what :func:`synthq_hf.recipes.runner._chain` does with chained ``map`` calls: the stage (rows an earlier
+  stage rejected skipped), its ``post`` marking, then ``mark_rejected``; the output is cast to the same features.
+- **One client per actor.** ``__call__`` is a coroutine, so Ray runs it on the actor's own event loop, which lives
+  as long as the actor: :func:`~synthq_hf.endpoint.get_client` gives one client per (actor, endpoint), and the
+  rows of a block are sent concurrently (``asyncio.gather``).
+- **Replicas.** An endpoint's ``replicas`` (a list of server URLs) are spread over the actors by actor index:
+  actor *i* talks to ``replicas[i % n]``. The request cache key has no URL in it, so replicas share answers.
+- **Order.** Rows carry their position in a hidden column; each window is put back in that order in the driver
+  (Ray's ``preserve_order`` is on too), so the runner's ``_stream`` writes the same shards.
+- **Aligned batches.** Blocks hold a multiple of every batch stage's ``batch_size`` rows, and a batch stage cuts
+  its blocks at the same row positions as ``datasets`` does from the first row: a model sees the same batches.
+
+The source is read in the driver, in windows of :data:`WINDOW_ROWS` rows, so a streamed corpus never has to fit
+in memory; each window is one Ray Data run. Global stages stay with the runner (over the written train split).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from datasets import Features
+
+from synthq_hf.cache import get_cache
+from synthq_hf.endpoint import EndpointConfig, Usage
+from synthq_hf.stages.reject import FEATURES as REJECT_FEATURES
+from synthq_hf.stages.reject import mark_rejected
+
+EXTRA = 'pip install -e ".[ray]"'
+#: Rows read from the source per Ray Data run: bounds the driver's memory for a streamed corpus.
+WINDOW_ROWS = 8192
+#: Rows per block (rounded up to a multiple of every batch stage's batch size): the unit an actor gets at once.
+BLOCK_ROWS = 64
+#: The hidden column holding each row's position in the segment's input.
+ROW = "__synthq_row"
+#: CPUs an actor of a row stage reserves: it waits on the network, so several share a core.
+ROW_STAGE_CPUS = 0.25
+
+
+class RayEngineError(Exception):
+    """The Ray cluster cannot be used (unreachable address); one line naming it."""
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at ``address`` (``None``: the one Ray finds, or a local one), once per process.
+
+    The address is checked with a plain TCP connect first: ``ray.init`` waits a long time on an address where
+    nothing listens, and the user should hear at once which address is wrong.
+    """
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise ImportError(f"the ray engine needs Ray Data, which is not installed: {EXTRA}") from None
+    if ray.is_initialized():
+        return
+    if address and address != "auto":
+        parsed = urlparse(address if "://" in address else f"tcp://{address}")
+        port = parsed.port or (10001 if parsed.scheme == "ray" else 6379)
+        try:
+            socket.create_connection((parsed.hostname or "localhost", port), timeout=5).close()
+        except OSError as err:
+            raise RayEngineError(f"cannot reach the Ray cluster at {address}: {err}") from None
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    except Exception as err:  # ray raises ConnectionError, RuntimeError, … depending on the address kind
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RayEngineError(f"cannot use the Ray cluster at {address or 'auto'}: {first}") from None
+
+
+@dataclass
+class _Stage:
+    """A stage line as an actor runs it: what ``_chain`` would map, resolved in the driver."""
+
+    name: str
+    kind: str
+    fn: Callable[..., Any]
+    kwargs: dict[str, Any]
+    skip: bool
+    empty: dict[str, None]
+    post: Callable[..., Any] | None
+    post_kwargs: dict[str, Any]
+    batch_size: int
+    features: Features  # the rows' features after this stage (and its marking)
+    roles: dict[str, str]  # keyword argument → endpoint role, for the usage counts
+
+
+def _stages(run: Any, features: Features, stages: list[tuple[str, dict[str, Any]]]) -> list[_Stage]:
+    """The stage lines resolved as :func:`~synthq_hf.recipes.runner._chain` resolves them (same kwargs, same
+    skipping rule, same features)."""
+    from synthq_hf.recipes.runner import _call_kwargs
+    from synthq_hf.stages.registry import steps
+
+    registry, resolved = steps(), []
+    for name, params in stages:
+        step = registry[name]
+        kwargs, post_kwargs = _call_kwargs(run, step, params)
+        skip = "rejected_by" in features and step.skip_rejected and step.kind == "row"
+        features = Features({**features, **step.features, **(step.post_features or {}), **REJECT_FEATURES})
+        roles = {
+            param: role
+            for param, value in kwargs.items()
+            if isinstance(value, EndpointConfig)
+            for role, cfg in run.recipe.endpoints.items()
+            if cfg is value
+        }
+        empty = dict.fromkeys(step.features)
+        post = step.post, post_kwargs
+        resolved.append(_Stage(name, step.kind, step.fn, kwargs, skip, empty, *post, step.batch_size, features, roles))
+    return resolved
+
+
+async def _maybe(result: Any) -> Any:
+    return await result if inspect.isawaitable(result) else result
+
+
+class _Coordinator:
+    """One small actor per segment: hands out actor indexes (which replica an actor talks to) and sums the
+    usage counts the actors report, so ``run.json`` and the card count every request like the other engine."""
+
+    def __init__(self) -> None:
+        self.index = -1
+        self.usage: dict[tuple[str, str], dict[str, float]] = {}
+
+    def next_index(self) -> int:
+        self.index += 1
+        return self.index
+
+    def add_usage(self, role: str, stage: str, delta: dict[str, float]) -> None:
+        total = self.usage.setdefault((role, stage), dict.fromkeys(delta, 0))
+        for key, value in delta.items():
+            total[key] += value
+
+    def totals(self) -> dict[tuple[str, str], dict[str, float]]:
+        return self.usage
+
+
+class _StageActor:
+    """One stage line over blocks of rows, in an actor that keeps its event loop (and so its clients)."""
+
+    def __init__(self, stage: _Stage, coordinator: Any) -> None:
+        import ray
+
+        self.stage, self.coordinator = stage, coordinator
+        index = ray.get(coordinator.next_index.remote())
+        for param, value in stage.kwargs.items():
+            if isinstance(value, EndpointConfig) and value.replicas:
+                stage.kwargs[param] = value.replace(url=value.replicas[index % len(value.replicas)])
+        self.configs = {p: v for p, v in stage.kwargs.items() if isinstance(v, EndpointConfig)}
+        self.counted = {p: self._usage(p) for p in self.configs}
+
+    def _usage(self, param: str) -> dict[str, float]:
+        usage = self.configs[param].usage.get(self.stage.name) or Usage()
+        return usage.as_dict()
+
+    async def __call__(self, block: Any) -> Any:
+        import pyarrow as pa
+
+        rows = block.to_pylist()
+        await self._apply(rows)
+        stage = self.stage
+        for param, config in self.configs.items():  # answers are durable before their rows are handed on
+            if config.cache:
+                get_cache(config.cache_path).flush()
+            now = self._usage(param)
+            delta = {k: v - self.counted[param].get(k, 0) for k, v in now.items()}
+            self.counted[param] = now
+            await self.coordinator.add_usage.remote(stage.roles[param], stage.name, delta)
+        encoded = [stage.features.encode_example(row) | {ROW: row[ROW]} for row in rows]
+        return pa.Table.from_pylist(encoded, _with_row(stage.features))
+
+    async def _apply(self, rows: list[dict[str, Any]]) -> None:
+        """What ``_chain``'s three maps do for this stage, on these rows, in place."""
+        from synthq_hf.recipes.runner import skip_rejected
+
+        stage = self.stage
+        if stage.kind == "batch":  # cut where datasets cuts: every batch_size rows from the segment's first
+            groups: dict[int, list[dict[str, Any]]] = {}
+            for row in rows:
+                groups.setdefault(row[ROW] // stage.batch_size, []).append(row)
+            for group in groups.values():
+                columns = {k: [row[k] for row in group] for k in group[0] if k != ROW}
+                new = await _maybe(stage.fn(columns, **stage.kwargs))
+                for i, row in enumerate(group):
+                    row.update({k: v[i] for k, v in new.items()})
+        else:
+            if stage.skip:
+                calls = [skip_rejected(row, stage.fn, stage.empty, **stage.kwargs) for row in rows]
+            else:
+                calls = [_maybe(stage.fn(row, **stage.kwargs)) for row in rows]
+            for row, new in zip(rows, await asyncio.gather(*calls), strict=True):
+                row.update(new)
+        if stage.post is not None:
+            for row in rows:
+                row.update(await _maybe(stage.post(row, **stage.post_kwargs)))
+        for row in rows:
+            row.update(mark_rejected(row, threshold=None))
+
+
+def _windows(rows: Any, features: Features, size: int) -> Iterator[list[dict[str, Any]]]:
+    window: list[dict[str, Any]] = []
+    for position, row in enumerate(rows):
+        window.append(features.encode_example(row) | {ROW: position})
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def ray_chain(run: Any, rows: Any, stages: list[tuple[str, dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    """The rows after the row and batch stages ``stages``, in source order, as ``_chain`` would give them."""
+    import pyarrow as pa
+    import ray
+    import ray.data
+
+    from synthq_hf.recipes.runner import _chain
+
+    if not stages:  # nothing to send anywhere: only the marking, done where the rows are
+        yield from _chain(run, rows, stages)
+        return
+    resolved = _stages(run, rows.features, stages)
+    block_rows = math.lcm(BLOCK_ROWS, *(s.batch_size for s in resolved if s.kind == "batch"))
+    window_rows = block_rows * max(1, WINDOW_ROWS // block_rows)
+    # The driver's synthq settings (cache folder, local server) travel with the actors.
+    env = {k: v for k, v in os.environ.items() if k.startswith("SYNTHQ_")}
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    coordinator = ray.remote(num_cpus=0)(_Coordinator).remote()
+    for window in _windows(rows, rows.features, window_rows):
+        table = pa.Table.from_pylist(window, _with_row(rows.features))
+        ds = ray.data.from_arrow([table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)])
+        for stage in resolved:
+            replicas = max((len(v.replicas) for v in stage.kwargs.values() if isinstance(v, EndpointConfig)), default=1)
+            ds = ds.map_batches(
+                _StageActor,
+                fn_constructor_kwargs={"stage": stage, "coordinator": coordinator},
+                batch_format="pyarrow",
+                batch_size=block_rows,
+                zero_copy_batch=True,
+                concurrency=(1, max(2, replicas)),
+                num_cpus=ROW_STAGE_CPUS if stage.kind == "row" else 1,
+                runtime_env={"env_vars": env},
+            )
+        out = [row for block in ds.iter_batches(batch_format="pyarrow", batch_size=None) for row in block.to_pylist()]
+        out.sort(key=lambda row: row[ROW])
+        for row in out:
+            del row[ROW]
+            yield row
+    for (role, stage_name), counted in ray.get(coordinator.totals.remote()).items():
+        usage = run.recipe.endpoints[role].usage.setdefault(stage_name, Usage())
+        for key, value in counted.items():
+            setattr(usage, key, getattr(usage, key) + value)
+    ray.kill(coordinator)
+
+
+def _with_row(features: Features) -> Any:
+    import pyarrow as pa
+
+    schema = features.arrow_schema
+    return schema.append(pa.field(ROW, pa.int64()))
