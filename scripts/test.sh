@@ -9,7 +9,7 @@ VENV="${SYNTHQ_VENV:-.venv}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 echo "installing into $VENV (the first install compiles llama.cpp: ~12 min on 2 cores)" >&2
 "$VENV/bin/python" -m pip install -qq --upgrade pip
-"$VENV/bin/python" -m pip install -qq -e ".[local,topics,preferences,dev]"
+"$VENV/bin/python" -m pip install -qq -e ".[local,topics,preferences,ray,dev]"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
 "$VENV/bin/python" -m pytest "$@"
