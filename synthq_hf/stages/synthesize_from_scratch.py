@@ -183,11 +183,12 @@ async def resolve_prefix(
     if template != "auto":
         found = PRESETS[template]
         return Prefix(found.text, found.stop, f"preset:{template}")
-    if tokenizer_config is not None:
-        return _from_tokenizer_config(tokenizer_config, system)
-    key = (endpoint, system)
+    key = (endpoint, system, tokenizer_config)  # once, not per row: a file read and a render, or a server round
     if key not in _RESOLVED:
-        _RESOLVED[key] = await _from_server(endpoint, system)
+        if tokenizer_config is not None:
+            _RESOLVED[key] = _from_tokenizer_config(tokenizer_config, system)
+        else:
+            _RESOLVED[key] = await _from_server(endpoint, system)
     return _RESOLVED[key]
 
 
