@@ -13,6 +13,7 @@ import pytest
 import yaml
 from datasets import load_dataset
 
+from synthq_hf.cache import get_cache
 from synthq_hf.recipes import RecipeError, bundled_recipes
 from synthq_hf.recipes.recipe import build_recipe
 from synthq_hf.recipes.runner import run_recipe
@@ -60,7 +61,9 @@ PREFERENCES = {
 
 
 def rewards_cached(tmp_path: Path) -> int:
-    with sqlite3.connect(tmp_path / "synthq-cache" / "rewards.sqlite") as conn:
+    path = tmp_path / "synthq-cache" / "rewards.sqlite"
+    get_cache(path).flush()  # scores are queued and committed by a background thread: count what is durable
+    with sqlite3.connect(path) as conn:
         return conn.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
 
 
