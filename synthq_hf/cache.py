@@ -9,6 +9,16 @@ Why this shape:
   one transaction, so the event loop never waits on fsync; a SIGKILL loses at most about the last second.
 - Reads consult the unflushed queue first, then SQLite; a point read with a prepared statement costs microseconds.
 - One cache object per (process, path): a forked ``num_proc`` worker opens its own connections and thread.
+
+Across machines (the Ray engine) one SQLite file is not safe: WAL needs memory shared by every process that opens
+the file, so it must not be opened from two hosts, and a rollback journal over a network filesystem is only as safe
+as its locks. So there a worker writes a **shard** of its own, ``<file>.shards/<host>-<pid>-<rand>.sqlite``, in
+rollback-journal mode, with one writer for its whole life; it reads the main file opened ``immutable`` (no locks,
+no shared memory: the driver checkpoints it before the workers start and nobody writes it while they run) and the
+other shards read-only. Every reader, sharded or not, looks up a key in the shards too, so the merge is by key on
+read; :func:`merge_shards` folds the shards of workers that are gone into the main file, which is how a killed
+worker's answers reach the next run. A shard's writer holds a lock on ``<shard>.alive`` while it lives: the lock
+goes with the process, however it dies, and a shard whose lock can be taken belongs to nobody.
 """
 
 from __future__ import annotations
@@ -16,12 +26,15 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import secrets
+import socket
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import orjson
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 #: A rowid table (the key's index is separate and small): replies are kilobytes, and a WITHOUT ROWID table keeps
 #: whole rows in its interior pages, so at ~1.5 KB a row its fan-out is ~2 and every insert or lookup walks ~15
@@ -32,6 +45,10 @@ _SCHEMA = "CREATE TABLE IF NOT EXISTS replies (key BLOB PRIMARY KEY, value BLOB 
 #: hand-off makes the event loop wait to take it back; one statement of 100 rows (200 parameters: within even
 #: old SQLite's 999) hands off once per 100 rows. Measured: ~15-20% more rows/s through map with the cache on.
 _ROWS_PER_INSERT = 100
+#: Set in a process's environment (the Ray engine sets it for its actors): its caches write to shards.
+SHARD_ENV = "SYNTHQ_CACHE_SHARD"
+#: How often (at most) a reader looks for shards that appeared since it last looked, on a miss.
+_RESCAN_S = 2.0
 
 
 def default_cache_path() -> Path:
@@ -59,8 +76,14 @@ def body_key(route: str, body: bytes) -> bytes:
     return digest.digest()
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    """Open ``path`` in WAL mode with the table in place.
+def shard_folder(path: str | os.PathLike) -> Path:
+    """Where the workers of a cluster write their shards of the cache at ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".shards")
+
+
+def _connect(path: Path, journal: str = "WAL") -> sqlite3.Connection:
+    """Open ``path`` in ``journal`` mode (WAL unless a shard) with the table in place.
 
     Switching a file to WAL and creating the table take locks for which SQLite does not always call the busy
     handler: two ``num_proc`` workers opening a fresh file at the same moment got "database is locked" at once
@@ -69,7 +92,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
     with FileLock(f"{path}.lock", timeout=60):
         conn.execute("PRAGMA busy_timeout=60000")
-        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA journal_mode={journal}")
         conn.execute("PRAGMA synchronous=NORMAL")
         # 64 MB of page cache (SQLite's default is 2 MB): the key index of a million-reply cache is ~40 MB, and
         # with it out of cache every insert of a random key read its pages again. Measured with
@@ -79,15 +102,51 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _open_read_only(path: Path, immutable: bool = False) -> sqlite3.Connection | None:
+    """A read-only connection, or ``None`` where the file cannot be read (gone, not a database yet)."""
+    uri = f"{path.resolve().as_uri()}?{'immutable=1' if immutable else 'mode=ro'}"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=10, check_same_thread=False)
+        conn.execute("SELECT 1 FROM replies LIMIT 1")
+    except sqlite3.Error:
+        return None
+    return conn
+
+
+def _lookup(conn: sqlite3.Connection, key: bytes) -> bytes | None:
+    """A key's value in another process's file; a file it cannot read right now is a miss, never an error: a
+    miss only costs a request sent again."""
+    try:
+        row = conn.execute("SELECT value FROM replies WHERE key = ?", (key,)).fetchone()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
+
+
 class RequestCache:
     """Reply store keyed by :func:`request_key`; use :func:`get_cache` rather than building one directly."""
 
-    def __init__(self, path: str | os.PathLike, flush_interval_s: float = 0.5):
+    def __init__(self, path: str | os.PathLike, flush_interval_s: float = 0.5, shard: bool = False):
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.flush_interval_s = flush_interval_s
-        self._reader = _connect(self.path)
-        self._writer = _connect(self.path)
+        self.file = self.path  # the file this process writes
+        self._main: sqlite3.Connection | None = None  # a sharded process reads the main file through this
+        self._alive: FileLock | None = None
+        if shard:
+            folder = shard_folder(self.path)
+            folder.mkdir(exist_ok=True)
+            name = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+            self._alive = FileLock(folder / f"{name}.alive")
+            self._alive.acquire(timeout=0)
+            self.file = folder / f"{name}.sqlite"
+            if self.path.exists():
+                self._main = _open_read_only(self.path, immutable=True)
+        journal = "DELETE" if shard else "WAL"
+        self._reader = _connect(self.file, journal)
+        self._writer = _connect(self.file, journal)
+        self._others: dict[Path, sqlite3.Connection | None] = {}  # other shards, read-only
+        self._scanned = -_RESCAN_S
         self._pending: dict[bytes, bytes] = {}
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -103,11 +162,37 @@ class RequestCache:
         if value is None:
             row = self._reader.execute("SELECT value FROM replies WHERE key = ?", (key,)).fetchone()
             value = row[0] if row else None
+        if value is None and self._main is not None:
+            value = _lookup(self._main, key)
+        if value is None:
+            value = self._in_shards(key)
         if value is None:
             self.misses += 1
         else:
             self.hits += 1
         return value
+
+    def _in_shards(self, key: bytes) -> bytes | None:
+        """The key in another worker's shard: answers a killed worker committed reach the worker that redoes
+        its rows. The folder is listed again at most every ``_RESCAN_S`` seconds."""
+        now = time.monotonic()
+        if now - self._scanned >= _RESCAN_S:
+            self._scanned = now
+            folder = shard_folder(self.path)
+            found = set(folder.glob("*.sqlite")) if folder.is_dir() else set()
+            for gone in set(self._others) - found:
+                conn = self._others.pop(gone)
+                if conn is not None:
+                    conn.close()
+            for path in found - set(self._others) - {self.file}:
+                self._others[path] = _open_read_only(path)
+        for path, conn in list(self._others.items()):
+            if conn is None:  # it was not a database yet when we looked (its writer had just made it)
+                conn = self._others[path] = _open_read_only(path)
+            value = _lookup(conn, key) if conn is not None else None
+            if value is not None:
+                return value
+        return None
 
     def put(self, key: bytes, value: bytes) -> None:
         with self._lock:
@@ -152,8 +237,11 @@ class RequestCache:
         self._wake.set()
         self._thread.join(timeout=5)
         self.flush()
-        self._reader.close()
-        self._writer.close()
+        for conn in [self._reader, self._writer, self._main, *self._others.values()]:
+            if conn is not None:
+                conn.close()
+        if self._alive is not None:
+            self._alive.release()
 
     def __len__(self) -> int:
         self.flush()
@@ -165,7 +253,8 @@ _CACHES_LOCK = threading.Lock()
 
 
 def get_cache(path: str | os.PathLike | None = None) -> RequestCache:
-    """The process-wide cache for ``path`` (default :func:`default_cache_path`)."""
+    """The process-wide cache for ``path`` (default :func:`default_cache_path`); a shard of it where
+    :data:`SHARD_ENV` is set."""
     resolved = str(Path(path or default_cache_path()).expanduser().resolve())
     key = (os.getpid(), resolved)
     cache = _CACHES.get(key)
@@ -173,8 +262,57 @@ def get_cache(path: str | os.PathLike | None = None) -> RequestCache:
         with _CACHES_LOCK:
             cache = _CACHES.get(key)
             if cache is None:
-                cache = _CACHES[key] = RequestCache(resolved)
+                cache = _CACHES[key] = RequestCache(resolved, shard=bool(os.environ.get(SHARD_ENV)))
     return cache
+
+
+def flush_all() -> None:
+    """Commit every cache this process has open (a worker does it before it hands rows on)."""
+    for (pid, _), cache in list(_CACHES.items()):
+        if pid == os.getpid():
+            cache.flush()
+
+
+def merge_shards(path: str | os.PathLike) -> int:
+    """Fold into the main file at ``path`` the shards whose writers are gone, delete them, and checkpoint the main
+    file so workers opening it ``immutable`` see it whole; returns the answers merged. Shards of live writers are
+    left where they are: readers find them anyway."""
+    path = Path(path).expanduser()
+    folder = shard_folder(path)
+    merged = 0
+    if folder.is_dir():
+        for shard in sorted(folder.glob("*.sqlite")):
+            alive = FileLock(shard.with_suffix(".alive"))
+            try:
+                alive.acquire(timeout=0)
+            except Timeout:
+                continue
+            try:
+                conn = _connect(path)
+                try:
+                    _connect(shard, "DELETE").close()  # a writer killed mid-commit left a journal: roll it back
+                    conn.execute("ATTACH DATABASE ? AS shard", (str(shard),))
+                    conn.execute("BEGIN IMMEDIATE")
+                    merged += conn.execute(
+                        "INSERT OR IGNORE INTO replies (key, value) SELECT key, value FROM shard.replies"
+                    ).rowcount
+                    conn.execute("COMMIT")
+                    conn.execute("DETACH DATABASE shard")
+                finally:
+                    conn.close()
+                for leftover in (shard, shard.with_name(shard.name + "-journal")):
+                    leftover.unlink(missing_ok=True)
+                shard.with_suffix(".alive").unlink(missing_ok=True)
+            finally:
+                alive.release()
+    if path.exists():
+        get_cache(path).flush()
+        conn = _connect(path)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+    return merged
 
 
 @atexit.register

@@ -17,6 +17,14 @@ output the same as the ``datasets`` engine's:
 - **Aligned batches.** Blocks hold a multiple of every batch stage's ``batch_size`` rows, and a batch stage cuts
   its blocks at the same row positions as ``datasets`` does from the first row: a model sees the same batches.
 
+- **Nothing lost, nothing twice.** An actor that dies has its block retried on another (Ray restarts actors and
+  retries their tasks); the driver checks that every position of a window came back exactly once.
+- **One cache across hosts.** Actors write shards of the request cache (:mod:`synthq_hf.cache`), never the
+  shared file; the driver folds the shards of workers that are gone into it before and after the run. A worker
+  that redoes a dead one's rows finds the answers it had committed.
+- **Nothing read from the driver's disk.** Earlier datasets a stage reads (``needs: dataset``) travel to the
+  actors in memory, so only the search index and the caches need a folder every node sees.
+
 The source is read in the driver, in windows of :data:`WINDOW_ROWS` rows, so a streamed corpus never has to fit
 in memory; each window is one Ray Data run. Global stages stay with the runner (over the written train split).
 """
@@ -30,12 +38,13 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from datasets import Features
 
-from synthq_hf.cache import get_cache
+from synthq_hf.cache import SHARD_ENV, default_cache_path, flush_all, merge_shards
 from synthq_hf.endpoint import EndpointConfig, Usage
 from synthq_hf.stages.reject import FEATURES as REJECT_FEATURES
 from synthq_hf.stages.reject import mark_rejected
@@ -119,9 +128,36 @@ def _stages(run: Any, features: Features, stages: list[tuple[str, dict[str, Any]
             if cfg is value
         }
         empty = dict.fromkeys(step.features)
+        kwargs = {k: _in_memory(v) for k, v in kwargs.items()}
         post = step.post, post_kwargs
         resolved.append(_Stage(name, step.kind, step.fn, kwargs, skip, empty, *post, step.batch_size, features, roles))
     return resolved
+
+
+def _in_memory(value: Any) -> Any:
+    """A ``datasets.Dataset`` read from files, as one that pickles its rows: an actor on another node has no
+    access to the driver's output folder."""
+    import datasets
+    from datasets.table import InMemoryTable
+
+    if not isinstance(value, datasets.Dataset) or isinstance(value.data, InMemoryTable):
+        return value
+    value = value.flatten_indices() if value._indices is not None else value
+    return datasets.Dataset(InMemoryTable(value.data.table), info=value.info.copy(), split=value.split)
+
+
+def _cache_paths(stages: list[_Stage]) -> set[Path]:
+    """Every cache file the stages' workers may write shards of: the endpoints' and any ``cache_path`` given, and
+    every cache in the default folder (the reward and embedding caches live there)."""
+    paths = {default_cache_path()}
+    for stage in stages:
+        for value in stage.kwargs.values():
+            if isinstance(value, EndpointConfig) and value.cache_path:
+                paths.add(Path(value.cache_path))
+        if stage.kwargs.get("cache_path"):
+            paths.add(Path(stage.kwargs["cache_path"]))
+    folders = {path.expanduser().parent for path in paths}
+    return {p.expanduser() for p in paths} | {s.with_suffix("") for f in folders for s in f.glob("*.sqlite.shards")}
 
 
 async def _maybe(result: Any) -> Any:
@@ -173,9 +209,8 @@ class _StageActor:
         rows = block.to_pylist()
         await self._apply(rows)
         stage = self.stage
-        for param, config in self.configs.items():  # answers are durable before their rows are handed on
-            if config.cache:
-                get_cache(config.cache_path).flush()
+        flush_all()  # answers are durable before their rows are handed on
+        for param in self.configs:
             now = self._usage(param)
             delta = {k: v - self.counted[param].get(k, 0) for k, v in now.items()}
             self.counted[param] = now
@@ -236,8 +271,11 @@ def ray_chain(run: Any, rows: Any, stages: list[tuple[str, dict[str, Any]]]) -> 
     resolved = _stages(run, rows.features, stages)
     block_rows = math.lcm(BLOCK_ROWS, *(s.batch_size for s in resolved if s.kind == "batch"))
     window_rows = block_rows * max(1, WINDOW_ROWS // block_rows)
-    # The driver's synthq settings (cache folder, local server) travel with the actors.
-    env = {k: v for k, v in os.environ.items() if k.startswith("SYNTHQ_")}
+    # The driver's synthq settings (cache folder, local server) travel with the actors, who write cache shards.
+    env = {k: v for k, v in os.environ.items() if k.startswith("SYNTHQ_")} | {SHARD_ENV: "1"}
+    caches = _cache_paths(resolved)
+    for path in caches:  # answers of workers killed in an earlier run, and a main file whole for immutable readers
+        merge_shards(path)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     coordinator = ray.remote(num_cpus=0)(_Coordinator).remote()
@@ -255,17 +293,31 @@ def ray_chain(run: Any, rows: Any, stages: list[tuple[str, dict[str, Any]]]) -> 
                 concurrency=(1, max(2, replicas)),
                 num_cpus=ROW_STAGE_CPUS if stage.kind == "row" else 1,
                 runtime_env={"env_vars": env},
+                # An actor that dies is started again and the block it held is done again: Ray Data gives its
+                # actors max_restarts=-1 and max_task_retries=-1 unless told otherwise, so we tell it nothing.
             )
         out = [row for block in ds.iter_batches(batch_format="pyarrow", batch_size=None) for row in block.to_pylist()]
-        out.sort(key=lambda row: row[ROW])
-        for row in out:
-            del row[ROW]
-            yield row
+        yield from _in_order(out, window[0][ROW], len(window))
     for (role, stage_name), counted in ray.get(coordinator.totals.remote()).items():
         usage = run.recipe.endpoints[role].usage.setdefault(stage_name, Usage())
         for key, value in counted.items():
             setattr(usage, key, getattr(usage, key) + value)
     ray.kill(coordinator)
+    for path in caches:
+        merge_shards(path)
+
+
+def _in_order(rows: list[dict[str, Any]], first: int, count: int) -> Iterator[dict[str, Any]]:
+    """A window's rows by position, each exactly once: a block done twice (a retry whose first try had already
+    answered) gives its rows once; a position missing is an error, never a row quietly gone."""
+    by_position = {}
+    for row in rows:
+        by_position.setdefault(row.pop(ROW), row)
+    missing = [p for p in range(first, first + count) if p not in by_position]
+    if missing:
+        raise RuntimeError(f"the ray engine lost {len(missing)} rows of a window (positions {missing[:5]}…)")
+    for position in range(first, first + count):
+        yield by_position[position]
 
 
 def _with_row(features: Features) -> Any:
