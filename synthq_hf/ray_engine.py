@@ -188,9 +188,12 @@ class _Coordinator:
 class _StageActor:
     """One stage line over blocks of rows, in an actor that keeps its event loop (and so its clients)."""
 
-    def __init__(self, stage: _Stage, coordinator: Any) -> None:
+    def __init__(self, stage: _Stage, coordinator: Any, env: dict[str, str]) -> None:
         import ray
 
+        # Set here, not as a runtime_env: an actor with a runtime_env of its own cannot use the workers Ray has
+        # already started, and starting fresh ones cost ~5 s a run (scripts/bench/ray_engine.py).
+        os.environ.update(env)
         self.stage, self.coordinator = stage, coordinator
         index = ray.get(coordinator.next_index.remote())
         for param, value in stage.kwargs.items():
@@ -283,16 +286,16 @@ def ray_chain(run: Any, rows: Any, stages: list[tuple[str, dict[str, Any]]]) -> 
         table = pa.Table.from_pylist(window, _with_row(rows.features))
         ds = ray.data.from_arrow([table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)])
         for stage in resolved:
-            replicas = max((len(v.replicas) for v in stage.kwargs.values() if isinstance(v, EndpointConfig)), default=1)
+            servers = [len(v.replicas) for v in stage.kwargs.values() if isinstance(v, EndpointConfig)]
+            replicas = max([1, *servers])
             ds = ds.map_batches(
                 _StageActor,
-                fn_constructor_kwargs={"stage": stage, "coordinator": coordinator},
+                fn_constructor_kwargs={"stage": stage, "coordinator": coordinator, "env": env},
                 batch_format="pyarrow",
                 batch_size=block_rows,
                 zero_copy_batch=True,
-                concurrency=(1, max(2, replicas)),
+                concurrency=(replicas, 2 * replicas),  # every replica fed from the start; room to grow
                 num_cpus=ROW_STAGE_CPUS if stage.kind == "row" else 1,
-                runtime_env={"env_vars": env},
                 # An actor that dies is started again and the block it held is done again: Ray Data gives its
                 # actors max_restarts=-1 and max_task_retries=-1 unless told otherwise, so we tell it nothing.
             )
