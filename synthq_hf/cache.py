@@ -115,12 +115,13 @@ def _open_read_only(path: Path, immutable: bool = False) -> sqlite3.Connection |
 
 def _lookup(conn: sqlite3.Connection, key: bytes) -> bytes | None:
     """A key's value in another process's file; a file it cannot read right now is a miss, never an error: a
-    miss only costs a request sent again."""
+    miss only costs a request sent again. The row's own key is checked too: an ``immutable`` reader takes no
+    locks, and a page rewritten under it must not hand back another request's answer."""
     try:
-        row = conn.execute("SELECT value FROM replies WHERE key = ?", (key,)).fetchone()
+        row = conn.execute("SELECT key, value FROM replies WHERE key = ?", (key,)).fetchone()
     except sqlite3.Error:
         return None
-    return row[0] if row else None
+    return row[1] if row and row[0] == key else None
 
 
 class RequestCache:

@@ -141,7 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the row stages run: this process (datasets, the default) or a Ray cluster (ray: needs the "
         'ray extra, pip install -e ".[ray]"; endpoints.ROLE.replicas spreads its actors over server URLs)',
     )
-    run.add_argument("--address", help="the Ray cluster for --engine ray, e.g. ray://head:10001 (default: auto)")
+    run.add_argument(
+        "--address",
+        help="the Ray cluster for --engine ray: ray://head:10001 (Ray Client), head:6379, or auto (default: "
+        "RAY_ADDRESS, else a cluster started on this machine with `ray start`, else a new local one)",
+    )
     run.set_defaults(func=cmd_run)
 
     from synthq_hf.hub import add_push_command

@@ -274,6 +274,10 @@ def ray_chain(run: Any, rows: Any, stages: list[tuple[str, dict[str, Any]]]) -> 
     resolved = _stages(run, rows.features, stages)
     block_rows = math.lcm(BLOCK_ROWS, *(s.batch_size for s in resolved if s.kind == "batch"))
     window_rows = block_rows * max(1, WINDOW_ROWS // block_rows)
+    if any(isinstance(v, EndpointConfig) and v.url == "local" for stage in resolved for v in stage.kwargs.values()):
+        from synthq_hf.local_server import ensure_local_server
+
+        ensure_local_server()  # one embedded server, started here: its URL travels to the actors in the env below
     # The driver's synthq settings (cache folder, local server) travel with the actors, who write cache shards.
     env = {k: v for k, v in os.environ.items() if k.startswith("SYNTHQ_")} | {SHARD_ENV: "1"}
     caches = _cache_paths(resolved)
@@ -281,6 +285,7 @@ def ray_chain(run: Any, rows: Any, stages: list[tuple[str, dict[str, Any]]]) -> 
         merge_shards(path)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
+    gpus = ray.cluster_resources().get("GPU", 0) > 0
     coordinator = ray.remote(num_cpus=0)(_Coordinator).remote()
     for window in _windows(rows, rows.features, window_rows):
         table = pa.Table.from_pylist(window, _with_row(rows.features))
@@ -296,6 +301,8 @@ def ray_chain(run: Any, rows: Any, stages: list[tuple[str, dict[str, Any]]]) -> 
                 zero_copy_batch=True,
                 concurrency=(replicas, 2 * replicas),  # every replica fed from the start; room to grow
                 num_cpus=ROW_STAGE_CPUS if stage.kind == "row" else 1,
+                # A batch stage runs a model in its actor (the reward model): on a cluster with GPUs, one each.
+                num_gpus=1 if stage.kind == "batch" and gpus else 0,
                 # An actor that dies is started again and the block it held is done again: Ray Data gives its
                 # actors max_restarts=-1 and max_task_retries=-1 unless told otherwise, so we tell it nothing.
             )

@@ -235,3 +235,15 @@ def test_a_killed_driver_resumes_asking_only_what_was_in_flight(ray_cluster, cle
     allowed = actors * CAP + answers_per_s * 1.0
     print(f"driver killed after {asked_before} of {len(unique)} requests; {resent} re-sent (≤ {allowed:.0f})")
     assert resent <= allowed
+
+
+def test_a_window_gives_each_row_once_and_never_drops_one_quietly():
+    """What the driver does with the blocks Ray hands back: a block done twice (a retried task whose first try
+    had answered) counts once; a row missing is an error naming how many, not a shorter dataset."""
+    from synthq_hf.ray_engine import ROW, _in_order
+
+    block = [{ROW: p, "x": p * 10} for p in (4, 5)]
+    rows = [{ROW: 3, "x": 30}, *block, *[dict(r) for r in block]]
+    assert list(_in_order(rows, 3, 3)) == [{"x": 30}, {"x": 40}, {"x": 50}]
+    with pytest.raises(RuntimeError, match="lost 1 rows"):
+        list(_in_order([{ROW: 3, "x": 30}, {ROW: 5, "x": 50}], 3, 3))
