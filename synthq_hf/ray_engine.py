@@ -64,17 +64,23 @@ class RayEngineError(Exception):
     """The Ray cluster cannot be used (unreachable address); one line naming it."""
 
 
+def require_ray() -> None:
+    """Refuse in one line, naming the extra, where Ray Data is not installed."""
+    try:
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise ImportError(f"the ray engine needs Ray Data, which is not installed: {EXTRA}") from None
+
+
 def connect(address: str | None) -> None:
     """Join the cluster at ``address`` (``None``: the one Ray finds, or a local one), once per process.
 
     The address is checked with a plain TCP connect first: ``ray.init`` waits a long time on an address where
     nothing listens, and the user should hear at once which address is wrong.
     """
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise ImportError(f"the ray engine needs Ray Data, which is not installed: {EXTRA}") from None
+    require_ray()
+    import ray
+
     if ray.is_initialized():
         return
     if address and address != "auto":

@@ -383,3 +383,15 @@ def test_run_refuses_a_reward_model_it_cannot_use(case, run_stub, tmp_path) -> N
     path = preference_recipe(tmp_path, run_stub.url, corpus, model=model, **extra)
     assert_refused(synthq(tmp_path, "run", str(path)), "annotate_preference", *culprits)
     assert run_stub.seen == []  # refused before the first request, not after every response was generated
+
+
+def test_the_ray_engine_without_ray_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    """Ray is installed here, so a module that fails to import stands in for it being absent (a ``ray`` on
+    PYTHONPATH ahead of site-packages): the refusal comes before the recipe's inputs are read or a model built."""
+    shim = tmp_path / "no-ray"
+    shim.mkdir()
+    (shim / "ray.py").write_text('raise ModuleNotFoundError("No module named \'ray\'", name="ray")\n')
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")])))
+    result = synthq(tmp_path, "run", "demo", "--engine", "ray", "--output", str(tmp_path / "out"))
+    assert_refused(result, 'pip install -e ".[ray]"')
+    assert not (tmp_path / "out").exists() and not (tmp_path / "synthq-cache").exists()

@@ -584,6 +584,10 @@ def run_recipe(
     """
     if engine not in ("datasets", "ray"):
         raise ValueError(f"unknown engine {engine!r}: use datasets or ray")
+    if engine == "ray":  # no Ray: said before anything is read or built
+        from synthq_hf.ray_engine import require_ray
+
+        require_ray()
     out = Path(out_dir or recipe.output.dir)
     given = dict(sources or {})
     if corpus is not None:
@@ -596,7 +600,7 @@ def run_recipe(
                 registry[stage].check(**params)
     run = Run(recipe, out, inputs, _search(recipe), limit, engine)
     _check_shapes(run)
-    if engine == "ray":  # no Ray, or no cluster there: refused before the folder is touched
+    if engine == "ray":  # no cluster there: refused before the folder is touched
         from synthq_hf.ray_engine import connect
 
         connect(ray_address)
