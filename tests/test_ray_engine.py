@@ -148,6 +148,7 @@ def test_two_replicas_share_the_rows_and_write_what_one_server_does(
 ):
     (clean, unique), stub, other = clean, slow_stub(make_stub), slow_stub(make_stub)
     monkeypatch.setenv("SYNTHQ_CACHE_DIR", str(tmp_path / "ray" / "synthq-cache"))
+    monkeypatch.setenv("SYNTHQ_RAY_WINDOW_ROWS", "192")  # four windows, two at a time: their rows stay in order
     data = prompts("http://127.0.0.1:9", tmp_path / "ray", replicas=[stub.url, other.url])  # url: never used
     out = run_recipe(build_recipe(data), engine="ray")
     same_dataset(out, clean)
