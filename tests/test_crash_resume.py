@@ -134,6 +134,7 @@ def dataset_files(out: Path) -> dict[str, str]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sigkilled_runs_resume_to_the_uninterrupted_dataset(tmp_path: Path) -> None:
     seed = int(os.environ.get("SYNTHQ_KILL_SEED", random.randrange(10**6)))

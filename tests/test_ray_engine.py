@@ -55,6 +55,7 @@ def run(engine: str, stub_url: str, tmp_path: Path, monkeypatch) -> Path:
     return run_recipe(build_recipe(data), engine=engine)
 
 
+@pytest.mark.slow
 def test_the_ray_engine_writes_what_the_datasets_engine_writes(ray_cluster, make_stub, tmp_path, monkeypatch):
     stub = make_stub("openai")
     stub.seeded_replies = stub.varied_text = True  # each request's reply follows from its seed: no queue order
@@ -143,6 +144,7 @@ def same_dataset(out: Path, clean: Path) -> None:
     assert sum(report["counts"]["instructions"].values()) == ROWS
 
 
+@pytest.mark.slow
 def test_two_replicas_share_the_rows_and_write_what_one_server_does(
     ray_cluster, clean, make_stub, tmp_path, monkeypatch
 ):
@@ -170,6 +172,7 @@ def stage_actors() -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_a_killed_worker_loses_no_row_and_doubles_none(ray_cluster, clean, make_stub, tmp_path, monkeypatch):
     (clean, unique), stub = clean, slow_stub(make_stub)
     monkeypatch.setenv("SYNTHQ_CACHE_DIR", str(tmp_path / "ray" / "synthq-cache"))
@@ -199,6 +202,7 @@ def test_a_killed_worker_loses_no_row_and_doubles_none(ray_cluster, clean, make_
     assert resent <= allowed
 
 
+@pytest.mark.slow
 def test_a_killed_driver_resumes_asking_only_what_was_in_flight(ray_cluster, clean, make_stub, tmp_path, monkeypatch):
     """``synthq run --engine ray --address`` joins this session's cluster as a driver of its own; it is SIGKILLed
     (its actors go with it) after about half the requests, then run again to the end."""
