@@ -301,7 +301,7 @@ def merge_shards(path: str | os.PathLike) -> int:
                     conn.execute("DETACH DATABASE shard")
                 finally:
                     conn.close()
-                for leftover in (shard, shard.with_name(shard.name + "-journal")):
+                for leftover in (shard, *(shard.with_name(shard.name + end) for end in ("-journal", ".lock"))):
                     leftover.unlink(missing_ok=True)
                 shard.with_suffix(".alive").unlink(missing_ok=True)
             finally:
