@@ -49,7 +49,6 @@ from datasets import Features
 
 from synthq_hf.cache import SHARD_ENV, default_cache_path, flush_all, merge_shards
 from synthq_hf.endpoint import EndpointConfig, Usage
-from synthq_hf.stages.reject import FEATURES as REJECT_FEATURES
 from synthq_hf.stages.reject import mark_rejected
 
 EXTRA = 'pip install -e ".[ray]"'
@@ -121,28 +120,26 @@ class _Stage:
 
 
 def _stages(run: Any, features: Features, stages: list[tuple[str, dict[str, Any]]]) -> list[_Stage]:
-    """The stage lines resolved as :func:`~synthq_hf.recipes.runner._chain` resolves them (same kwargs, same
-    skipping rule, same features)."""
-    from synthq_hf.recipes.runner import _call_kwargs
-    from synthq_hf.stages.registry import steps
+    """The stage lines as :func:`~synthq_hf.recipes.runner.lines` resolves them for ``_chain``, made ready to
+    travel: datasets in memory, and each endpoint argument's role for the usage counts."""
+    from synthq_hf.recipes.runner import lines
 
-    registry, resolved = steps(), []
-    for name, params in stages:
-        step = registry[name]
-        kwargs, post_kwargs = _call_kwargs(run, step, params)
-        skip = "rejected_by" in features and step.skip_rejected and step.kind == "row"
-        features = Features({**features, **step.features, **(step.post_features or {}), **REJECT_FEATURES})
+    resolved = []
+    for line in lines(run, features, stages):
+        step = line.step
         roles = {
             param: role
-            for param, value in kwargs.items()
+            for param, value in line.kwargs.items()
             if isinstance(value, EndpointConfig)
             for role, cfg in run.recipe.endpoints.items()
             if cfg is value
         }
+        kwargs = {k: _in_memory(v) for k, v in line.kwargs.items()}
         empty = dict.fromkeys(step.features)
-        kwargs = {k: _in_memory(v) for k, v in kwargs.items()}
-        post = step.post, post_kwargs
-        resolved.append(_Stage(name, step.kind, step.fn, kwargs, skip, empty, *post, step.batch_size, features, roles))
+        resolved.append(
+            _Stage(line.name, step.kind, step.fn, kwargs, line.skip, empty, step.post, line.post_kwargs,
+                   step.batch_size, line.marked, roles)
+        )  # fmt: skip
     return resolved
 
 

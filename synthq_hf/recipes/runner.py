@@ -381,30 +381,51 @@ def _call_kwargs(run: Run, step: Step, params: dict[str, Any]) -> tuple[dict[str
     return kwargs, post_kwargs
 
 
-def _chain(run: Run, rows: Rows, stages: list[tuple[str, dict[str, Any]]]) -> Rows:
-    """The row and batch stages as chained ``map`` calls, then the marking that routes failed rows."""
-    registry = steps()
-    features = rows.features
+@dataclass
+class Line:
+    """A stage line resolved once, for whichever engine maps it (``_chain`` here, actors in
+    :mod:`synthq_hf.ray_engine`): the same keyword arguments, skipping rule and features for both."""
+
+    name: str
+    step: Step
+    kwargs: dict[str, Any]
+    post_kwargs: dict[str, Any]
+    skip: bool  # rows an earlier stage rejected are skipped (a row stage after a marking)
+    features: Features  # after the stage
+    post_features: Features  # after its ``post`` marking (the same when it has none)
+    marked: Features  # after ``mark_rejected``
+
+
+def lines(run: Run, features: Features, stages: list[tuple[str, dict[str, Any]]]) -> list[Line]:
+    """The stage lines over rows of ``features``, in order."""
+    registry, resolved = steps(), []
     for name, params in stages:
         step = registry[name]
-        fn = step.fn
         kwargs, post_kwargs = _call_kwargs(run, step, params)
-        if "rejected_by" in features and step.skip_rejected and step.kind == "row":
-            empty = {column: None for column in step.features}
-            kwargs = {**kwargs, "_stage_fn": fn, "_empty": empty}
-            fn = skip_rejected
-        features = Features({**features, **step.features})
-        extra = {"batched": True, "batch_size": step.batch_size} if step.kind == "batch" else {}
-        rows = _map(rows, fn, kwargs, features, name, **extra)
-        if step.post:
-            features = Features({**features, **(step.post_features or {})})
-            rows = _map(rows, step.post, post_kwargs, features, f"{name} marks")
+        skip = "rejected_by" in features and step.skip_rejected and step.kind == "row"
+        after = Features({**features, **step.features})
+        post = Features({**after, **(step.post_features or {})}) if step.post else after
         # A row this stage failed is out from here on: later stages skip it (no requests) and their own marking
         # cannot claim it, so its reason stays this stage's.
-        features = Features({**features, **REJECT_FEATURES})
-        rows = _map(rows, mark_rejected, {"threshold": None}, features, f"{name} failures")
+        features = Features({**post, **REJECT_FEATURES})
+        resolved.append(Line(name, step, kwargs, post_kwargs, skip, after, post, features))
+    return resolved
+
+
+def _chain(run: Run, rows: Rows, stages: list[tuple[str, dict[str, Any]]]) -> Rows:
+    """The row and batch stages as chained ``map`` calls, then the marking that routes failed rows."""
+    for line in lines(run, rows.features, stages):
+        step, fn, kwargs = line.step, line.step.fn, line.kwargs
+        if line.skip:
+            kwargs = {**kwargs, "_stage_fn": fn, "_empty": dict.fromkeys(step.features)}
+            fn = skip_rejected
+        extra = {"batched": True, "batch_size": step.batch_size} if step.kind == "batch" else {}
+        rows = _map(rows, fn, kwargs, line.features, line.name, **extra)
+        if step.post:
+            rows = _map(rows, step.post, line.post_kwargs, line.post_features, f"{line.name} marks")
+        rows = _map(rows, mark_rejected, {"threshold": None}, line.marked, f"{line.name} failures")
     if not stages:
-        features = Features({**features, **REJECT_FEATURES})
+        features = Features({**rows.features, **REJECT_FEATURES})
         rows = _map(rows, mark_rejected, {"threshold": None}, features, "mark rejected")
     return rows
 
